@@ -1,0 +1,243 @@
+"""Structural discovery of a causal LM's residual blocks.
+
+The project's layer convention (DESIGN.md): a model with L blocks has L+1 positions; index 0
+is the input of block 1 (the embedding output), index l in 1..L is the output of block l,
+the last one before any final norm. Blocks are found by structure - the ``nn.ModuleList``
+whose length is the model's layer count and that holds most parameters - never from a list
+of attribute names, so new families work without code changes. ``block_path`` overrides it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from persona_lens.errors import ArchitectureError
+
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where a model's residual blocks are and what kind each one is."""
+
+    path: str
+    blocks: tuple[nn.Module, ...]
+    family: str
+    hidden_size: int
+    block_kinds: tuple[str, ...]
+
+    @property
+    def num_layers(self) -> int:
+        """L, the number of residual blocks (vectors have L+1 rows)."""
+        return len(self.blocks)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly summary for ``persona info``."""
+        counts: dict[str, int] = {}
+        for kind in self.block_kinds:
+            counts[kind] = counts.get(kind, 0) + 1
+        return {
+            "family": self.family,
+            "block_path": self.path,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "block_classes": sorted({type(b).__name__ for b in self.blocks}),
+            "block_kinds": counts,
+            "layout": "".join(_KIND_LETTER.get(k.split("+")[0], "?") for k in self.block_kinds),
+        }
+
+
+_KIND_LETTER = {
+    "attention": "A",
+    "sliding-attention": "S",
+    "linear-attention": "L",
+    "ssm": "M",
+    "recurrent": "R",
+    "hybrid": "H",
+    "other": "?",
+}
+
+
+def text_config(model: nn.Module) -> Any:
+    """The text part of a model's config (multimodal configs nest it)."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        return config.get_text_config()
+    return config
+
+
+def declared_num_layers(model: nn.Module) -> int | None:
+    """Layer count declared by the config, if any."""
+    config = text_config(model)
+    for key in _LAYER_COUNT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def find_blocks(model: nn.Module, block_path: str | None = None) -> BlockLayout:
+    """Locate the ordered residual blocks of ``model``.
+
+    Raises ArchitectureError when no plausible block list exists or ``block_path`` is wrong.
+    """
+    if block_path is not None:
+        try:
+            found = model.get_submodule(block_path)
+        except AttributeError as exc:
+            raise ArchitectureError(f"no submodule {block_path!r} in {type(model).__name__}") from exc
+        if not isinstance(found, nn.ModuleList) or len(found) == 0:
+            raise ArchitectureError(f"{block_path!r} is not a non-empty nn.ModuleList")
+        path, blocks = block_path, found
+    else:
+        path, blocks = _discover(model)
+    return BlockLayout(
+        path=path,
+        blocks=tuple(blocks),
+        family=str(getattr(text_config(model), "model_type", type(model).__name__)),
+        hidden_size=_hidden_size(model),
+        block_kinds=tuple(classify_block(b, i, model) for i, b in enumerate(blocks)),
+    )
+
+
+def _discover(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    declared = declared_num_layers(model)
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and _param_count(module) > 0
+    ]
+    if not candidates:
+        raise ArchitectureError(f"{type(model).__name__} has no list of blocks (nn.ModuleList)")
+    matching = [c for c in candidates if len(c[1]) == declared] if declared else []
+    pool = matching or candidates
+    name, blocks = max(pool, key=lambda c: _param_count(c[1]))
+    return name, blocks
+
+
+def _hidden_size(model: nn.Module) -> int:
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    if isinstance(embeddings, nn.Embedding):
+        return int(embeddings.embedding_dim)
+    config = text_config(model)
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise ArchitectureError(f"cannot tell the hidden size of {type(model).__name__}")
+
+
+_SSM_MARKERS = ("mamba", "ssm", "mixer2", "shortconv", "conv")
+_LINEAR_MARKERS = ("linearattention", "lightning", "deltanet", "gateddelta", "kda", "linear_attn")
+_RECURRENT_MARKERS = ("rwkv", "rglru", "recurrent", "xlstm", "mlstm", "slstm")
+_MOE_MARKERS = ("moe", "experts", "sparse", "router")
+
+
+def _class_names(module: nn.Module) -> list[str]:
+    return [type(m).__name__.lower() for m in module.modules()]
+
+
+def classify_block(block: nn.Module, index: int, model: nn.Module | None = None) -> str:
+    """Coarse kind of one block: attention, sliding-attention, linear-attention, ssm,
+    recurrent or hybrid, with ``+moe`` when it routes to experts."""
+    names = _class_names(block)[1:]
+    joined = " ".join(names)
+    layer_type = _declared_layer_type(model, index)
+    has_attention = any("attention" in n and not _any(n, _LINEAR_MARKERS) for n in names)
+    has_ssm = _any(joined, _SSM_MARKERS) and not _any(joined, ("conv1d_attention",))
+    has_linear = _any(joined, _LINEAR_MARKERS) or "linear" in layer_type
+    has_recurrent = _any(joined, _RECURRENT_MARKERS)
+    if has_linear:
+        kind = "linear-attention"
+    elif has_recurrent:
+        kind = "recurrent"
+    elif has_attention and has_ssm and "mamba" in joined and "attention" in joined:
+        kind = "hybrid"
+    elif has_ssm and not has_attention:
+        kind = "ssm"
+    elif "sliding" in layer_type or _uses_sliding_window(block, model, layer_type):
+        kind = "sliding-attention"
+    elif has_attention:
+        kind = "attention"
+    else:
+        kind = "other"
+    if _any(joined, _MOE_MARKERS):
+        kind += "+moe"
+    return kind
+
+
+def _any(text: str, markers: Iterable[str]) -> bool:
+    return any(m in text for m in markers)
+
+
+def _declared_layer_type(model: nn.Module | None, index: int) -> str:
+    config = text_config(model) if model is not None else None
+    for key in ("layer_types", "layers_block_type", "block_types"):
+        types = getattr(config, key, None)
+        if isinstance(types, (list, tuple)) and index < len(types):
+            return str(types[index]).lower()
+    return ""
+
+
+def _uses_sliding_window(block: nn.Module, model: nn.Module | None, layer_type: str) -> bool:
+    if layer_type:
+        return "sliding" in layer_type
+    for module in block.modules():
+        window = getattr(module, "sliding_window", None)
+        if isinstance(window, int) and window > 0:
+            return True
+    config = text_config(model) if model is not None else None
+    window = getattr(config, "sliding_window", None)
+    use_window = getattr(config, "use_sliding_window", True)
+    return isinstance(window, int) and window > 0 and bool(use_window)
+
+
+def block_hidden(output: Any) -> torch.Tensor:
+    """The hidden-state tensor inside a block's output (tensor, tuple or ModelOutput)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    to_tuple = getattr(output, "to_tuple", None)
+    if callable(to_tuple):
+        return block_hidden(to_tuple())
+    raise ArchitectureError(f"cannot find a hidden state in a block output of type {type(output)}")
+
+
+def with_block_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """``output`` with its hidden-state tensor replaced by ``hidden``."""
+    if isinstance(output, torch.Tensor):
+        return hidden
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    if isinstance(output, list):
+        return [hidden, *output[1:]]
+    keys = getattr(output, "keys", None)
+    if callable(keys):
+        first = next(iter(keys()))
+        output[first] = hidden
+        return output
+    raise ArchitectureError(f"cannot replace the hidden state in a block output of type {type(output)}")
+
+
+def block_input_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden-state tensor a block receives (first positional tensor or kwarg)."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    value = kwargs.get("hidden_states")
+    if isinstance(value, torch.Tensor):
+        return value
+    for value in kwargs.values():
+        if isinstance(value, torch.Tensor) and value.dim() == 3:
+            return value
+    raise ArchitectureError("cannot find the hidden state passed to a block")

@@ -1,0 +1,316 @@
+"""Activation capture from block outputs, recorded while the model generates.
+
+:class:`ActivationCapture` hooks the blocks (and the input of block 1 for position 0) and
+reduces activations on the fly, so extraction and monitoring need no second forward pass:
+
+- ``prompt_last``: the last prompt token (the paper's predictor of behaviour);
+- ``prompt_mean``: mean over the prompt's non-padding tokens;
+- ``response_mean``: mean over response tokens (the paper's response average);
+- per-token projections of response tokens onto monitored directions.
+
+Two modes. *Generation* (the default): the first forward after :meth:`begin` is the left-padded
+prompt, each later one feeds one sampled token; a token counts as response while its row has
+not yet fed an end-of-sequence token and it is within ``max_response_tokens``. A response
+token's activation is the one computed when that token is fed, exactly what a separate forward
+over prompt + response gives. *Forward*: one pass over full sequences with an explicit
+``response_mask`` (screening, training data, references). Sums accumulate in float32 on the
+device of each block; nothing syncs with the host until :meth:`result`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from persona_lens.architecture import BlockLayout, block_hidden, block_input_hidden, find_blocks
+from persona_lens.errors import InputError
+from persona_lens.positions import read_forward_inputs
+from persona_lens.vectors import check_layer
+
+
+@dataclass(frozen=True)
+class Monitor:
+    """Project activations at ``layer`` onto ``direction`` (made unit length here)."""
+
+    name: str
+    direction: torch.Tensor
+    layer: int
+
+    def unit(self) -> torch.Tensor:
+        d = self.direction.detach().float()
+        return d / d.norm().clamp_min(1e-12)
+
+
+@dataclass
+class CaptureResult:
+    """Reduced activations of one batch; tensors on CPU, float32, rows = batch rows.
+
+    Activation tensors have shape [B, len(layers), d] with ``layers`` the captured layer
+    positions (all of 0..L by default). ``token_projections[name][b]`` lists the projections
+    of row b's response tokens, in order; ``prompt_projections[name]`` is [B].
+    """
+
+    layers: tuple[int, ...]
+    prompt_last: torch.Tensor | None = None
+    prompt_mean: torch.Tensor | None = None
+    response_mean: torch.Tensor | None = None
+    response_counts: torch.Tensor | None = None
+    prompt_projections: dict[str, torch.Tensor] = field(default_factory=dict)
+    token_projections: dict[str, list[list[float]]] = field(default_factory=dict)
+
+    def response_projection(self, name: str) -> list[float]:
+        """Mean projection over each row's response tokens (NaN for an empty response)."""
+        return [sum(v) / len(v) if v else float("nan") for v in self.token_projections[name]]
+
+
+class ActivationCapture:
+    """Hooks that reduce block activations during generation or a forward pass."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: BlockLayout | None = None,
+        *,
+        layers: Sequence[int] | None = None,
+        monitors: Sequence[Monitor] = (),
+        eos_token_ids: Sequence[int] = (),
+        prompt_stats: bool = True,
+        response_mean: bool = True,
+    ) -> None:
+        self.model = model
+        self.layout = layout or find_blocks(model)
+        num_layers = self.layout.num_layers
+        all_layers = range(num_layers + 1)
+        self.layers = tuple(all_layers if layers is None else layers)
+        for layer in self.layers:
+            check_layer(layer, num_layers, allow_zero=True)
+        for monitor in monitors:
+            check_layer(monitor.layer, num_layers, allow_zero=True)
+            if monitor.direction.shape != (self.layout.hidden_size,):
+                raise InputError(
+                    f"monitor {monitor.name!r} has shape {tuple(monitor.direction.shape)}, "
+                    f"the model's hidden size is {self.layout.hidden_size}"
+                )
+        self.monitors = tuple(monitors)
+        self.prompt_stats = prompt_stats
+        self.want_response_mean = response_mean
+        self._eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
+        self._handles: list[RemovableHandle] = []
+        self.begin()
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def begin(
+        self,
+        *,
+        response_mask: torch.Tensor | None = None,
+        max_response_tokens: int | None = None,
+    ) -> None:
+        """Start a new batch. With ``response_mask`` [B, T] the next forward is a full pass
+        (forward mode); otherwise it is a prompt followed by generated tokens."""
+        self._forward_mask = response_mask
+        self._max_response_tokens = max_response_tokens
+        self._step = 0
+        self._finished: torch.Tensor | None = None
+        self._weights: dict[str, Any] = {}
+        self._sums: dict[str, dict[int, torch.Tensor]] = {
+            "prompt_last": {},
+            "prompt_mean": {},
+            "response_mean": {},
+        }
+        self._counts: torch.Tensor | None = None
+        self._step_valid: list[torch.Tensor] = []
+        self._step_proj: dict[str, list[torch.Tensor]] = {m.name: [] for m in self.monitors}
+        self._forward_proj: dict[str, torch.Tensor] = {}
+        self._prompt_proj: dict[str, torch.Tensor] = {}
+
+    def attach(self) -> ActivationCapture:
+        if self._handles:
+            return self
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True)
+        )
+        hooked = set(self.layers) | {m.layer for m in self.monitors}
+        if 0 in hooked:
+            self._handles.append(
+                self.layout.blocks[0].register_forward_pre_hook(self._on_embeddings, with_kwargs=True)
+            )
+        for layer in sorted(hooked - {0}):
+            block = self.layout.blocks[layer - 1]
+            self._handles.append(block.register_forward_hook(self._make_block_hook(layer)))
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> ActivationCapture:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # --- hooks --------------------------------------------------------------------------
+    def _on_model_forward(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        inputs = read_forward_inputs(args, kwargs)
+        step = self._step
+        self._step += 1
+        if step == 0:
+            self._weights = self._first_forward_weights(inputs)
+            return
+        if self._forward_mask is not None:
+            raise InputError("capture in forward mode expects exactly one forward per begin()")
+        if inputs.length != 1 or inputs.input_ids is None:
+            raise InputError("capture during generation needs cached decoding (use_cache=True)")
+        token = inputs.input_ids[:, -1]
+        if self._eos.device != token.device:
+            self._eos = self._eos.to(token.device)
+        is_eos = torch.isin(token, self._eos)
+        finished = self._finished if self._finished is not None else torch.zeros_like(is_eos)
+        valid = ~finished & ~is_eos
+        if self._max_response_tokens is not None and step > self._max_response_tokens:
+            valid = torch.zeros_like(valid)
+        self._finished = finished | is_eos
+        self._step_valid.append(valid)
+        self._weights = {"response": valid.unsqueeze(1), "last": None, "prompt": None}
+
+    def _first_forward_weights(self, inputs: Any) -> dict[str, Any]:
+        """Masks for the first forward: prompt tokens, and response tokens in forward mode."""
+        mask = inputs.attention_mask
+        batch, length = (
+            (inputs.input_ids.shape[0], inputs.length)
+            if inputs.input_ids is not None
+            else (None, inputs.length)
+        )
+        if mask is None and batch is not None:
+            mask = torch.ones(batch, length, dtype=torch.bool, device=inputs.input_ids.device)
+        response = self._forward_mask
+        if response is not None:
+            response = response.to(mask.device if mask is not None else "cpu").bool()
+            if mask is not None:
+                response = response & mask.bool()
+        prompt = mask.bool() if mask is not None else None
+        if prompt is not None and response is not None:
+            prompt = prompt & ~response
+        last = None
+        if prompt is not None:
+            positions = torch.arange(prompt.shape[1], device=prompt.device)
+            last = torch.where(prompt, positions, -1).max(dim=1).values.clamp_min(0)
+        return {"prompt": prompt, "last": last, "response": response}
+
+    def _on_embeddings(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        self._record(0, block_input_hidden(args, kwargs))
+
+    def _make_block_hook(self, layer: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self._record(layer, block_hidden(output))
+
+        return hook
+
+    def _record(self, layer: int, hidden: torch.Tensor) -> None:
+        with torch.no_grad():
+            self._record_layer(layer, hidden.detach())
+
+    def _record_layer(self, layer: int, hidden: torch.Tensor) -> None:
+        weights = self._weights
+        prompt, last, response = weights.get("prompt"), weights.get("last"), weights.get("response")
+        keep = layer in self.layers
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        if keep and self.prompt_stats and prompt is not None:
+            w = prompt.to(hidden.dtype)
+            w = w / w.sum(dim=1, keepdim=True).clamp_min(1)
+            self._sums["prompt_mean"][layer] = torch.einsum("bt,btd->bd", w, hidden).float()
+            self._sums["prompt_last"][layer] = hidden[rows, last].float()
+        if keep and self.want_response_mean and response is not None:
+            contribution = torch.einsum("bt,btd->bd", response.to(hidden.dtype), hidden).float()
+            sums = self._sums["response_mean"]
+            sums[layer] = sums[layer] + contribution if layer in sums else contribution
+        for monitor in self.monitors:
+            if monitor.layer != layer:
+                continue
+            unit = monitor.unit().to(hidden.device, hidden.dtype)
+            projection = (hidden @ unit).float()
+            if last is not None:
+                self._prompt_proj[monitor.name] = projection[rows, last]
+            if self._forward_mask is not None:
+                self._forward_proj[monitor.name] = projection
+            elif prompt is None:
+                self._step_proj[monitor.name].append(projection[:, -1])
+
+    # --- results ------------------------------------------------------------------------
+    def result(self) -> CaptureResult:
+        """Collect the reductions of the current batch onto the CPU."""
+        out = CaptureResult(layers=self.layers)
+        sums = self._sums
+        if sums["prompt_last"]:
+            out.prompt_last = _stack(sums["prompt_last"], self.layers)
+            out.prompt_mean = _stack(sums["prompt_mean"], self.layers)
+        response_mask = self._response_mask()
+        if response_mask is not None:
+            counts = response_mask.sum(dim=1)
+            out.response_counts = counts
+            if sums["response_mean"]:
+                total = _stack(sums["response_mean"], self.layers)
+                out.response_mean = total / counts.clamp_min(1).view(-1, 1, 1).float()
+        out.prompt_projections = {k: v.cpu() for k, v in self._prompt_proj.items()}
+        if response_mask is not None:
+            for monitor in self.monitors:
+                values = self._projection_matrix(monitor.name)
+                if values is None:
+                    continue
+                out.token_projections[monitor.name] = [
+                    row[mask].tolist() for row, mask in zip(values, response_mask, strict=True)
+                ]
+        return out
+
+    def _response_mask(self) -> torch.Tensor | None:
+        """[B, T] bool of response tokens on CPU (generation steps or the forward mask)."""
+        if self._forward_mask is not None:
+            return self._forward_mask.bool().cpu() & self._weights["response"].bool().cpu()
+        if self._step_valid:
+            return torch.stack(self._step_valid, dim=1).cpu()
+        return None
+
+    def _projection_matrix(self, name: str) -> torch.Tensor | None:
+        if self._forward_mask is not None:
+            value = self._forward_proj.get(name)
+            return value.cpu() if value is not None else None
+        steps = self._step_proj.get(name)
+        return torch.stack(steps, dim=1).cpu() if steps else None
+
+
+def _stack(per_layer: dict[int, torch.Tensor], layers: tuple[int, ...]) -> torch.Tensor:
+    return torch.stack([per_layer[layer].cpu() for layer in layers], dim=1)
+
+
+def capture_forward(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    layout: BlockLayout | None = None,
+    layers: Sequence[int] | None = None,
+    monitors: Sequence[Monitor] = (),
+) -> CaptureResult:
+    """One forward pass over full sequences; reductions over ``response_mask`` [B, T]."""
+    capture = ActivationCapture(model, layout, layers=layers, monitors=monitors)
+    capture.begin(response_mask=response_mask)
+    with capture, torch.no_grad():
+        model(input_ids=input_ids, **padded_forward_kwargs(model, attention_mask))
+    return capture.result()
+
+
+def padded_forward_kwargs(model: nn.Module, attention_mask: torch.Tensor) -> dict[str, Any]:
+    """Forward arguments for a left-padded batch, positions counted as ``generate`` does
+    (absolute position embeddings, e.g. GPT-2, depend on it)."""
+    kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    return kwargs

@@ -1,0 +1,189 @@
+"""Capture and steering on every architecture family of the zoo (tiny random models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from persona_lens.architecture import find_blocks
+from persona_lens.capture import (
+    ActivationCapture,
+    Monitor,
+    capture_forward,
+    padded_forward_kwargs,
+)
+from persona_lens.steering import SteeringSpec, steer
+from persona_lens.vectors import PersonaVector
+from tests import zoo
+
+PROMPT_LEN = 7
+NEW_TOKENS = 5
+
+
+def _params() -> list[object]:
+    params = []
+    for name, entry in zoo.ZOO.items():
+        marks = [pytest.mark.xfail(reason=entry.xfail, strict=True)] if entry.xfail else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@pytest.fixture(scope="module", params=_params())
+def family(request: pytest.FixtureRequest) -> tuple[str, nn.Module]:
+    return request.param, zoo.build(request.param)
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, zoo.VOCAB_SIZE, (2, PROMPT_LEN), generator=generator)
+    mask = torch.ones_like(ids)
+    ids[0, 0], mask[0, 0] = zoo.PAD_ID, 0  # row 0 is left-padded
+    return ids, mask
+
+
+def _random_vector(model: nn.Module, scale: float = 4.0, seed: int = 2) -> PersonaVector:
+    layout = find_blocks(model)
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randn(layout.num_layers + 1, layout.hidden_size, generator=generator)
+    return PersonaVector(rows * scale, "random")
+
+
+def _hooks(model: nn.Module) -> set[int]:
+    """Ids of every forward (pre-)hook on the model (transformers may add its own)."""
+    return {
+        id(hook)
+        for m in model.modules()
+        for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+    }
+
+
+@pytest.fixture(autouse=True)
+def _no_hooks_left(family: tuple[str, nn.Module]) -> object:
+    """Every test must leave the model with exactly the hooks it had before."""
+    before = _hooks(family[1])
+    yield
+    assert _hooks(family[1]) == before, "hooks left on the model"
+
+
+def _all_positions(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over all real tokens of every layer position, shape [B, L+1, d]."""
+    result = capture_forward(model, ids, mask, mask.bool())
+    assert result.response_mean is not None
+    return result.response_mean
+
+
+def test_blocks_found(family: tuple[str, nn.Module]) -> None:
+    name, model = family
+    layout = find_blocks(model)
+    assert layout.num_layers == model.config.get_text_config().num_hidden_layers or name == "rwkv"
+    assert layout.hidden_size > 0
+    assert layout.describe()["layout"]
+
+
+def test_capture_equals_reference_forward(family: tuple[str, nn.Module]) -> None:
+    name, model = family
+    ids, mask = _batch()
+    entry = zoo.ZOO[name]
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    captured = capture_forward(model, ids, mask, torch.ones_like(mask, dtype=torch.bool))
+    assert captured.response_mean is not None
+    exact = entry.hidden_states_exact
+    assert exact is not None and exact >= 1, "zoo entry must say which hidden states are exact"
+    for index in range(exact):
+        expected = reference.hidden_states[index].float()
+        expected = (expected * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        torch.testing.assert_close(
+            captured.response_mean[:, index], expected, rtol=1e-5, atol=1e-5,
+            msg=f"{name}: layer position {index}",
+        )
+
+
+def test_zero_vector_is_exact_noop(family: tuple[str, nn.Module]) -> None:
+    _, model = family
+    ids, mask = _batch()
+    layout = find_blocks(model)
+    zero = PersonaVector(torch.zeros(layout.num_layers + 1, layout.hidden_size), "zero")
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with steer(model, SteeringSpec(zero, 3.0, "all")):
+            steered = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(plain, steered)
+
+
+def test_steering_changes_only_later_layers(family: tuple[str, nn.Module]) -> None:
+    _, model = family
+    ids, mask = _batch()
+    layout = find_blocks(model)
+    layer = max(1, layout.num_layers // 2)
+    vector = _random_vector(model)
+    plain = _all_positions(model, ids, mask)
+    with steer(model, SteeringSpec(vector, 1.0, layer)):
+        steered = _all_positions(model, ids, mask)
+    assert torch.equal(plain[:, :layer], steered[:, :layer])
+    for index in range(layer, layout.num_layers + 1):
+        assert not torch.allclose(plain[:, index], steered[:, index]), f"position {index}"
+
+
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_cached_steered_generation_equals_recomputation(
+    family: tuple[str, nn.Module], positions: str
+) -> None:
+    name, model = family
+    ids, mask = _batch()
+    vector = _random_vector(model, scale=2.0)
+    layer = max(1, find_blocks(model).num_layers // 2)
+    spec = SteeringSpec(vector, 1.0, layer, positions=positions)  # type: ignore[arg-type]
+    with steer(model, spec) as handle, torch.no_grad():
+        handle.reset_positions(PROMPT_LEN)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+            pad_token_id=zoo.PAD_ID, eos_token_id=None, use_cache=True,
+            output_logits=True, return_dict_in_generate=True,
+        )
+        step_logits = torch.stack(out.logits, dim=1)  # [B, N, V]
+        full_mask = torch.cat([mask, torch.ones(2, NEW_TOKENS, dtype=mask.dtype)], dim=1)
+        handle.reset_positions(PROMPT_LEN)
+        recomputed = model(
+            input_ids=out.sequences[:, :-1], **padded_forward_kwargs(model, full_mask[:, :-1])
+        ).logits[:, PROMPT_LEN - 1 :]
+    torch.testing.assert_close(step_logits, recomputed, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_hooks_removed_after_exception(family: tuple[str, nn.Module]) -> None:
+    _, model = family
+    vector = _random_vector(model)
+    with pytest.raises(RuntimeError, match="boom"), steer(model, SteeringSpec(vector, 1.0, 1)):
+        raise RuntimeError("boom")
+
+
+def test_capture_during_generation_equals_forward(family: tuple[str, nn.Module]) -> None:
+    name, model = family
+    ids, mask = _batch()
+    layout = find_blocks(model)
+    monitor = Monitor("m", torch.randn(layout.hidden_size, generator=torch.Generator().manual_seed(3)),
+                      layout.num_layers // 2)
+    capture = ActivationCapture(model, layout, monitors=[monitor], eos_token_ids=[zoo.EOS_ID])
+    capture.begin(max_response_tokens=NEW_TOKENS)
+    with capture, torch.no_grad():
+        sequences = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS + 1, do_sample=False,
+            pad_token_id=zoo.PAD_ID, eos_token_id=None, use_cache=True,
+        )
+    during = capture.result()
+    full = sequences[:, : PROMPT_LEN + NEW_TOKENS]
+    full_mask = torch.cat([mask, torch.ones(2, NEW_TOKENS, dtype=mask.dtype)], dim=1)
+    response = torch.zeros_like(full, dtype=torch.bool)
+    response[:, PROMPT_LEN:] = True
+    after = capture_forward(model, full, full_mask, response, layout=layout, monitors=[monitor])
+    assert during.response_counts is not None
+    assert during.response_counts.tolist() == [NEW_TOKENS, NEW_TOKENS]
+    for key in ("response_mean", "prompt_mean", "prompt_last"):
+        torch.testing.assert_close(
+            getattr(during, key), getattr(after, key), rtol=1e-4, atol=1e-4, msg=f"{name} {key}"
+        )
+    torch.testing.assert_close(
+        torch.tensor(during.token_projections["m"]), torch.tensor(after.token_projections["m"]),
+        rtol=1e-4, atol=1e-4,
+    )
