@@ -31,14 +31,22 @@ def _params() -> list[object]:
 
 @pytest.fixture(scope="module", params=_params())
 def family(request: pytest.FixtureRequest) -> tuple[str, nn.Module]:
-    return request.param, zoo.build(request.param)
+    model = zoo.build(request.param)
+    with torch.no_grad():  # transformers adds its own recording hooks on first use; let it
+        model(input_ids=torch.ones(1, 2, dtype=torch.long) * 3, output_hidden_states=True)
+    return request.param, model
 
 
-def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts, row 0 left-padded - within what transformers decodes exactly for the
+    family (see ``ZooEntry.decoding``)."""
+    decoding = zoo.ZOO[name].decoding if name else "exact"
+    rows = 1 if decoding == "batch-1" else 2
     generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, zoo.VOCAB_SIZE, (2, PROMPT_LEN), generator=generator)
+    ids = torch.randint(3, zoo.VOCAB_SIZE, (rows, PROMPT_LEN), generator=generator)
     mask = torch.ones_like(ids)
-    ids[0, 0], mask[0, 0] = zoo.PAD_ID, 0  # row 0 is left-padded
+    if decoding == "exact":
+        ids[0, 0], mask[0, 0] = zoo.PAD_ID, 0
     return ids, mask
 
 
@@ -83,16 +91,24 @@ def test_blocks_found(family: tuple[str, nn.Module]) -> None:
 
 def test_capture_equals_reference_forward(family: tuple[str, nn.Module]) -> None:
     name, model = family
-    ids, mask = _batch()
+    ids, mask = _batch(name)
     entry = zoo.ZOO[name]
     with torch.no_grad():
-        reference = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        kwargs = padded_forward_kwargs(model, mask)
+        reference = model(input_ids=ids, output_hidden_states=True, **kwargs)
     captured = capture_forward(model, ids, mask, torch.ones_like(mask, dtype=torch.bool))
     assert captured.response_mean is not None
     exact = entry.hidden_states_exact
-    assert exact is not None and exact >= 1, "zoo entry must say which hidden states are exact"
-    for index in range(exact):
-        expected = reference.hidden_states[index].float()
+    assert exact is not None, "zoo entry must say which hidden states are exact"
+    # exact == 0: the family records no embeddings entry, entry i is the output of block i+1
+    pairs = [(i, i) for i in range(exact)] or [(i + 1, i) for i in range(len(reference.hidden_states) - 1)]
+    if exact == 0:
+        pairs.append((0, -1))
+    for index, entry_index in pairs:
+        if entry_index < 0:
+            expected = model.get_input_embeddings()(ids).float()
+        else:
+            expected = reference.hidden_states[entry_index].float()
         expected = (expected * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
         torch.testing.assert_close(
             captured.response_mean[:, index], expected, rtol=1e-5, atol=1e-5,
@@ -131,7 +147,7 @@ def test_cached_steered_generation_equals_recomputation(
     family: tuple[str, nn.Module], positions: str
 ) -> None:
     name, model = family
-    ids, mask = _batch()
+    ids, mask = _batch(name)
     vector = _random_vector(model, scale=2.0)
     layer = max(1, find_blocks(model).num_layers // 2)
     spec = SteeringSpec(vector, 1.0, layer, positions=positions)  # type: ignore[arg-type]
@@ -143,7 +159,7 @@ def test_cached_steered_generation_equals_recomputation(
             output_logits=True, return_dict_in_generate=True,
         )
         step_logits = torch.stack(out.logits, dim=1)  # [B, N, V]
-        full_mask = torch.cat([mask, torch.ones(2, NEW_TOKENS, dtype=mask.dtype)], dim=1)
+        full_mask = torch.cat([mask, torch.ones_like(mask[:, :NEW_TOKENS])], dim=1)
         handle.reset_positions(PROMPT_LEN)
         recomputed = model(
             input_ids=out.sequences[:, :-1], **padded_forward_kwargs(model, full_mask[:, :-1])
@@ -160,11 +176,11 @@ def test_hooks_removed_after_exception(family: tuple[str, nn.Module]) -> None:
 
 def test_capture_during_generation_equals_forward(family: tuple[str, nn.Module]) -> None:
     name, model = family
-    ids, mask = _batch()
+    ids, mask = _batch(name)
     layout = find_blocks(model)
     monitor = Monitor("m", torch.randn(layout.hidden_size, generator=torch.Generator().manual_seed(3)),
                       layout.num_layers // 2)
-    capture = ActivationCapture(model, layout, monitors=[monitor], eos_token_ids=[zoo.EOS_ID])
+    capture = ActivationCapture(model, layout, monitors=[monitor])  # generate ignores EOS too
     capture.begin(max_response_tokens=NEW_TOKENS)
     with capture, torch.no_grad():
         sequences = model.generate(
@@ -173,12 +189,12 @@ def test_capture_during_generation_equals_forward(family: tuple[str, nn.Module])
         )
     during = capture.result()
     full = sequences[:, : PROMPT_LEN + NEW_TOKENS]
-    full_mask = torch.cat([mask, torch.ones(2, NEW_TOKENS, dtype=mask.dtype)], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(mask[:, :NEW_TOKENS])], dim=1)
     response = torch.zeros_like(full, dtype=torch.bool)
     response[:, PROMPT_LEN:] = True
     after = capture_forward(model, full, full_mask, response, layout=layout, monitors=[monitor])
     assert during.response_counts is not None
-    assert during.response_counts.tolist() == [NEW_TOKENS, NEW_TOKENS]
+    assert during.response_counts.tolist() == [NEW_TOKENS] * len(ids)
     for key in ("response_mean", "prompt_mean", "prompt_last"):
         torch.testing.assert_close(
             getattr(during, key), getattr(after, key), rtol=1e-4, atol=1e-4, msg=f"{name} {key}"

@@ -6,6 +6,7 @@ tokenizer with its chat template) under :func:`cache_root`; later loads read the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -77,6 +78,8 @@ class LoadedModel:
         if self.spec == EMBEDDED:
             return EMBEDDED_NAME
         path = Path(self.spec.rstrip("/\\"))
+        if path.name in ("", ".", ".."):
+            path = path.resolve()
         return path.stem if path.suffix.lower() == ".gguf" else path.name
 
 
@@ -160,10 +163,10 @@ def _clean_config(obj: Any) -> Any:
 
 
 def _tensor_summary(name: str, t: torch.Tensor) -> str:
-    # Values rounded to bf16 first: fp32 and bf16 loads of the same weights agree exactly.
+    # Rounded to bf16 first, so fp32 and bf16 loads agree exactly; 4 digits absorb fp16 noise.
     flat = t.detach().reshape(-1)[:_MiB].to(torch.bfloat16).to(torch.float64)
     head = ",".join(f"{v:.4g}" for v in flat[:8].tolist())
-    return f"{name}:{tuple(t.shape)}:{flat.abs().sum().item():.6g}:{head}"
+    return f"{name}:{tuple(t.shape)}:{flat.abs().sum().item():.4g}:{head}"
 
 
 def model_fingerprint(
@@ -173,7 +176,7 @@ def model_fingerprint(
     config = json.dumps(_clean_config(model.config.to_dict()), sort_keys=True, default=str)
     parts = [config, str(len(tokenizer)) if tokenizer is not None else "-"]
     params = list(model.named_parameters())
-    for name, param in (params[0], params[-1]):
+    for name, param in (params[0], params[len(params) // 2], params[-1]):
         parts.append(_tensor_summary(name, param))
     embeddings = model.get_input_embeddings()
     if embeddings is not None and isinstance(embeddings.weight, torch.Tensor):
@@ -269,8 +272,9 @@ def _ensure_gguf_cache(path: Path, spec: str) -> Path:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(".tmp-*"):  # left by killed conversions
-        if time.time() - stale.stat().st_mtime > 3600:
-            shutil.rmtree(stale, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         _convert_gguf(path, tmp)
@@ -286,15 +290,24 @@ def _ensure_gguf_cache(path: Path, spec: str) -> Path:
     return final
 
 
+def _gguf_source(spec: str) -> Path | None:
+    """The GGUF file a spec names, if it names one."""
+    if spec == EMBEDDED:
+        return embedded_gguf_path()
+    if not spec.lower().endswith(".gguf"):
+        return None
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ModelSpecError(f"no such GGUF file: {spec}")
+    return path.resolve()
+
+
 def _resolve_source(spec: str) -> tuple[str, str | None]:
     """The directory or hub id to load, and why only the local HF cache may be used (if so)."""
-    if spec == EMBEDDED:
-        return str(_ensure_gguf_cache(embedded_gguf_path(), spec)), None
+    gguf = _gguf_source(spec)
+    if gguf is not None:
+        return str(_ensure_gguf_cache(gguf, spec)), None
     path = Path(spec).expanduser()
-    if spec.lower().endswith(".gguf"):
-        if not path.is_file():
-            raise ModelSpecError(f"no such GGUF file: {spec}")
-        return str(_ensure_gguf_cache(path.resolve(), spec)), None
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelSpecError(f"{spec!r} is a directory without config.json, not a model")
@@ -325,11 +338,15 @@ def load_model(
     try:
         model, tokenizer = _load_pretrained(source, spec, torch_dtype, local_files_only=bool(why))
     except ModelSpecError as exc:
-        if why:
-            raise ModelSpecError(
-                f"{spec!r} is not a local path and not in the Hugging Face cache, and {why}"
-            ) from exc
-        raise
+        gguf = _gguf_source(spec)
+        if gguf is None:
+            if why:
+                raise ModelSpecError(
+                    f"{spec!r} is not a local path and not in the Hugging Face cache, and {why}"
+                ) from exc
+            raise
+        shutil.rmtree(source, ignore_errors=True)  # a damaged cache entry: rebuild it once
+        model, tokenizer = _load_pretrained(str(_ensure_gguf_cache(gguf, spec)), spec, torch_dtype)
     cast(Any, model).to(dev)  # transformers types `to` oddly
     model.eval()
     prepare_tokenizer(tokenizer)
