@@ -16,8 +16,10 @@ pytestmark = pytest.mark.embedded
 
 PROMPTS = [
     "Name a colour.",
-    [{"role": "system", "content": "You answer in one short sentence."},
-     {"role": "user", "content": "What is the capital of France and why is it famous?"}],
+    [
+        {"role": "system", "content": "You answer in one short sentence."},
+        {"role": "user", "content": "What is the capital of France and why is it famous?"},
+    ],
     {"prompt": "Say hello."},
 ]
 
@@ -45,34 +47,49 @@ def test_capture_during_generation_equals_forward(embedded_model: LoadedModel) -
     layout = find_blocks(model)
     direction = torch.randn(576, generator=torch.Generator().manual_seed(0))
     monitor = Monitor("m", direction, 15)
-    generations = generate(model, tok, PROMPTS, max_new_tokens=16, capture_layers=None,
-                           monitors=[monitor], batch_size=3)
+    generations = generate(
+        model,
+        tok,
+        PROMPTS,
+        max_new_tokens=16,
+        capture_layers=None,
+        monitors=[monitor],
+        batch_size=3,
+    )
     for generation in generations:
         assert generation.response_mean is not None and generation.prompt_last is not None
         assert len(generation.token_projections["m"]) == len(generation.response_ids)
-        prompt_ids = tok(generation.prompt_text, add_special_tokens=False,
-                         return_tensors="pt")["input_ids"]
+        prompt_ids = tok(generation.prompt_text, add_special_tokens=False, return_tensors="pt")[
+            "input_ids"
+        ]
         response = torch.tensor([generation.response_ids])
         ids = torch.cat([prompt_ids, response], dim=1)
         mask = torch.ones_like(ids)
         response_mask = torch.zeros_like(ids, dtype=torch.bool)
-        response_mask[:, prompt_ids.shape[1]:] = True
-        reference = capture_forward(model, ids, mask, response_mask, layout=layout,
-                                    monitors=[monitor])
+        response_mask[:, prompt_ids.shape[1] :] = True
+        reference = capture_forward(
+            model, ids, mask, response_mask, layout=layout, monitors=[monitor]
+        )
         assert reference.response_mean is not None and reference.prompt_last is not None
-        torch.testing.assert_close(generation.response_mean, reference.response_mean[0],
-                                   rtol=1e-3, atol=1e-3)
-        torch.testing.assert_close(generation.prompt_last, reference.prompt_last[0],
-                                   rtol=1e-3, atol=1e-3)
-        torch.testing.assert_close(torch.tensor(generation.token_projections["m"]),
-                                   torch.tensor(reference.token_projections["m"][0]),
-                                   rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(
+            generation.response_mean, reference.response_mean[0], rtol=1e-3, atol=1e-3
+        )
+        torch.testing.assert_close(
+            generation.prompt_last, reference.prompt_last[0], rtol=1e-3, atol=1e-3
+        )
+        torch.testing.assert_close(
+            torch.tensor(generation.token_projections["m"]),
+            torch.tensor(reference.token_projections["m"][0]),
+            rtol=1e-3,
+            atol=1e-3,
+        )
 
 
 def test_eos_ends_the_response(embedded_model: LoadedModel) -> None:
     model, tok = embedded_model.model, embedded_model.tokenizer
-    generation = generate(model, tok, ["Reply with the single word: yes"], max_new_tokens=40,
-                          capture_layers=[10])[0]
+    generation = generate(
+        model, tok, ["Reply with the single word: yes"], max_new_tokens=40, capture_layers=[10]
+    )[0]
     assert len(generation.response_ids) < 40, "expected the model to stop by itself"
     assert generation.response_mean is not None
 
@@ -84,8 +101,9 @@ def test_steering_changes_text_and_restores(embedded_model: LoadedModel) -> None
     vector = PersonaVector(rows * 0.5, "noise", {"best_layer": "12"})
     prompts = ["Describe a sunny day in two sentences."]
     plain = generate(model, tok, prompts, max_new_tokens=20)[0]
-    steered = generate(model, tok, prompts, max_new_tokens=20,
-                       steering=[SteeringSpec(vector, 8.0)], layout=layout)[0]
+    steered = generate(
+        model, tok, prompts, max_new_tokens=20, steering=[SteeringSpec(vector, 8.0)], layout=layout
+    )[0]
     again = generate(model, tok, prompts, max_new_tokens=20)[0]
     assert steered.response != plain.response
     assert again.response_ids == plain.response_ids

@@ -101,7 +101,9 @@ def test_capture_equals_reference_forward(family: tuple[str, nn.Module]) -> None
     exact = entry.hidden_states_exact
     assert exact is not None, "zoo entry must say which hidden states are exact"
     # exact == 0: the family records no embeddings entry, entry i is the output of block i+1
-    pairs = [(i, i) for i in range(exact)] or [(i + 1, i) for i in range(len(reference.hidden_states) - 1)]
+    pairs = [(i, i) for i in range(exact)] or [
+        (i + 1, i) for i in range(len(reference.hidden_states) - 1)
+    ]
     if exact == 0:
         pairs.append((0, -1))
     for index, entry_index in pairs:
@@ -111,7 +113,10 @@ def test_capture_equals_reference_forward(family: tuple[str, nn.Module]) -> None
             expected = reference.hidden_states[entry_index].float()
         expected = (expected * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
         torch.testing.assert_close(
-            captured.response_mean[:, index], expected, rtol=1e-5, atol=1e-5,
+            captured.response_mean[:, index],
+            expected,
+            rtol=1e-5,
+            atol=1e-5,
             msg=f"{name}: layer position {index}",
         )
 
@@ -154,9 +159,15 @@ def test_cached_steered_generation_equals_recomputation(
     with steer(model, spec) as handle, torch.no_grad():
         handle.reset_positions(PROMPT_LEN)
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-            pad_token_id=zoo.PAD_ID, eos_token_id=None, use_cache=True,
-            output_logits=True, return_dict_in_generate=True,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=zoo.PAD_ID,
+            eos_token_id=None,
+            use_cache=True,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
         step_logits = torch.stack(out.logits, dim=1)  # [B, N, V]
         full_mask = torch.cat([mask, torch.ones_like(mask[:, :NEW_TOKENS])], dim=1)
@@ -178,14 +189,22 @@ def test_capture_during_generation_equals_forward(family: tuple[str, nn.Module])
     name, model = family
     ids, mask = _batch(name)
     layout = find_blocks(model)
-    monitor = Monitor("m", torch.randn(layout.hidden_size, generator=torch.Generator().manual_seed(3)),
-                      layout.num_layers // 2)
+    monitor = Monitor(
+        "m",
+        torch.randn(layout.hidden_size, generator=torch.Generator().manual_seed(3)),
+        layout.num_layers // 2,
+    )
     capture = ActivationCapture(model, layout, monitors=[monitor])  # generate ignores EOS too
     capture.begin(max_response_tokens=NEW_TOKENS)
     with capture, torch.no_grad():
         sequences = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS + 1, do_sample=False,
-            pad_token_id=zoo.PAD_ID, eos_token_id=None, use_cache=True,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS + 1,
+            do_sample=False,
+            pad_token_id=zoo.PAD_ID,
+            eos_token_id=None,
+            use_cache=True,
         )
     during = capture.result()
     full = sequences[:, : PROMPT_LEN + NEW_TOKENS]
@@ -200,6 +219,8 @@ def test_capture_during_generation_equals_forward(family: tuple[str, nn.Module])
             getattr(during, key), getattr(after, key), rtol=1e-4, atol=1e-4, msg=f"{name} {key}"
         )
     torch.testing.assert_close(
-        torch.tensor(during.token_projections["m"]), torch.tensor(after.token_projections["m"]),
-        rtol=1e-4, atol=1e-4,
+        torch.tensor(during.token_projections["m"]),
+        torch.tensor(after.token_projections["m"]),
+        rtol=1e-4,
+        atol=1e-4,
     )

@@ -23,12 +23,16 @@ def model() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def vector(model: torch.nn.Module) -> PersonaVector:
     layout = find_blocks(model)
-    rows = torch.randn(layout.num_layers + 1, layout.hidden_size, generator=torch.Generator().manual_seed(5))
+    rows = torch.randn(
+        layout.num_layers + 1, layout.hidden_size, generator=torch.Generator().manual_seed(5)
+    )
     return PersonaVector(rows * 3, "trait", {"best_layer": str(LAYER)})
 
 
 def _ids(rows: int = 2, length: int = 8) -> torch.Tensor:
-    return torch.randint(3, zoo.VOCAB_SIZE, (rows, length), generator=torch.Generator().manual_seed(0))
+    return torch.randint(
+        3, zoo.VOCAB_SIZE, (rows, length), generator=torch.Generator().manual_seed(0)
+    )
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

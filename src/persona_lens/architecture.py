@@ -94,7 +94,9 @@ def find_blocks(model: nn.Module, block_path: str | None = None) -> BlockLayout:
         try:
             found = model.get_submodule(block_path)
         except AttributeError as exc:
-            raise ArchitectureError(f"no submodule {block_path!r} in {type(model).__name__}") from exc
+            raise ArchitectureError(
+                f"no submodule {block_path!r} in {type(model).__name__}"
+            ) from exc
         if not isinstance(found, nn.ModuleList) or len(found) == 0:
             raise ArchitectureError(f"{block_path!r} is not a non-empty nn.ModuleList")
         path, blocks = block_path, found
@@ -227,7 +229,9 @@ def with_block_hidden(output: Any, hidden: torch.Tensor) -> Any:
         first = next(iter(keys()))
         output[first] = hidden
         return output
-    raise ArchitectureError(f"cannot replace the hidden state in a block output of type {type(output)}")
+    raise ArchitectureError(
+        f"cannot replace the hidden state in a block output of type {type(output)}"
+    )
 
 
 def block_input_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:

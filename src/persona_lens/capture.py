@@ -138,7 +138,9 @@ class ActivationCapture:
         hooked = set(self.layers) | {m.layer for m in self.monitors}
         if 0 in hooked:
             self._handles.append(
-                self.layout.blocks[0].register_forward_pre_hook(self._on_embeddings, with_kwargs=True)
+                self.layout.blocks[0].register_forward_pre_hook(
+                    self._on_embeddings, with_kwargs=True
+                )
             )
         for layer in sorted(hooked - {0}):
             block = self.layout.blocks[layer - 1]

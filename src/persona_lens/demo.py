@@ -51,39 +51,67 @@ def run_demo(
     trait = load_trait(trait_name)
     pair = trait.instructions[0]
     questions = list(trait.extraction_questions[:num_questions])
-    prompts = [[{"role": "system", "content": s}, {"role": "user", "content": q}]
-               for s in (pair.pos, pair.neg) for q in questions]
-    console.print(f"\n[bold]1. Extract[/bold] '{trait.name}': {len(prompts)} rollouts, "
-                  "activations captured while generating")
+    prompts = [
+        [{"role": "system", "content": s}, {"role": "user", "content": q}]
+        for s in (pair.pos, pair.neg)
+        for q in questions
+    ]
+    console.print(
+        f"\n[bold]1. Extract[/bold] '{trait.name}': {len(prompts)} rollouts, "
+        "activations captured while generating"
+    )
     t0 = time.perf_counter()
     with console.status("generating contrastive rollouts ..."):
-        rollouts = generate(loaded.model, loaded.tokenizer, prompts,
-                            max_new_tokens=max_new_tokens, capture_layers=None, layout=layout)
+        rollouts = generate(
+            loaded.model,
+            loaded.tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            capture_layers=None,
+            layout=layout,
+        )
     means = torch.stack([g.response_mean for g in rollouts if g.response_mean is not None])
     n = len(questions)
     diff = means[:n].mean(0) - means[n:].mean(0)
     layer = _separating_layer(means[:n], means[n:], diff)
-    vector = PersonaVector(diff, trait.name, {
-        "description": trait.description, "model": model_spec,
-        "model_fingerprint": model_fingerprint(loaded.model, loaded.tokenizer),
-        "method": "mean_diff/response_avg", "best_layer": str(layer),
-        "num_pos": str(n), "num_neg": str(n), "judge": "none", "generator": "builtin",
-    })
-    console.print(f"   vector [L+1={vector.num_layers + 1}, d={vector.hidden_size}] in "
-                  f"{time.perf_counter() - t0:.1f} s; steering layer {layer} "
-                  f"(norm {vector.norms()[layer]:.2f})")
+    vector = PersonaVector(
+        diff,
+        trait.name,
+        {
+            "description": trait.description,
+            "model": model_spec,
+            "model_fingerprint": model_fingerprint(loaded.model, loaded.tokenizer),
+            "method": "mean_diff/response_avg",
+            "best_layer": str(layer),
+            "num_pos": str(n),
+            "num_neg": str(n),
+            "judge": "none",
+            "generator": "builtin",
+        },
+    )
+    console.print(
+        f"   vector [L+1={vector.num_layers + 1}, d={vector.hidden_size}] in "
+        f"{time.perf_counter() - t0:.1f} s; steering layer {layer} "
+        f"(norm {vector.norms()[layer]:.2f})"
+    )
 
-    console.print(f"\n[bold]2. Steer and monitor[/bold] at layer {layer}: one batch, "
-                  "a different coefficient per request")
+    console.print(
+        f"\n[bold]2. Steer and monitor[/bold] at layer {layer}: one batch, "
+        "a different coefficient per request"
+    )
     evaluation = list(trait.evaluation_questions[:2])
     coefficients = [c for _ in evaluation for c in (0.0, coefficient, -coefficient)]
     steer_prompts = [q for q in evaluation for _ in range(3)]
     t0 = time.perf_counter()
     with console.status("generating steered answers ..."):
         answers = generate(
-            loaded.model, loaded.tokenizer, steer_prompts, max_new_tokens=max_new_tokens,
+            loaded.model,
+            loaded.tokenizer,
+            steer_prompts,
+            max_new_tokens=max_new_tokens,
             steering=[SteeringSpec(vector, coefficients, layer)],
-            monitors=[Monitor(trait.name, vector.at(layer), layer)], layout=layout,
+            monitors=[Monitor(trait.name, vector.at(layer), layer)],
+            layout=layout,
         )
     table = Table(show_lines=True)
     table.add_column("question", max_width=28)

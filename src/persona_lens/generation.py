@@ -21,7 +21,7 @@ from torch import nn
 from persona_lens.architecture import BlockLayout, find_blocks
 from persona_lens.capture import ActivationCapture, CaptureResult, Monitor
 from persona_lens.errors import InputError
-from persona_lens.steering import SteeringSpec, compile_specs, SteeringHandle
+from persona_lens.steering import SteeringHandle, SteeringSpec, compile_specs
 
 Message = dict[str, str]
 PromptLike = str | Sequence[Message] | dict[str, Any]
@@ -39,10 +39,13 @@ def to_messages(prompt: PromptLike, system: str | None = None) -> list[Message]:
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
     else:
-        messages = [dict(m) for m in prompt]
-        for m in messages:
-            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        messages = []
+        for m in prompt:
+            if not isinstance(m, dict) or not all(
+                isinstance(m.get(k), str) for k in ("role", "content")
+            ):
                 raise InputError("every message needs string 'role' and 'content' fields")
+            messages.append({"role": m["role"], "content": m["content"]})
     if not messages:
         raise InputError("a prompt with no messages")
     if system is not None:
@@ -188,9 +191,7 @@ def _specs_for_rows(
         if not isinstance(coef, (int, float)):
             values = list(coef)
             if len(values) != num_prompts:
-                raise InputError(
-                    f"{len(values)} per-prompt coefficients for {num_prompts} prompts"
-                )
+                raise InputError(f"{len(values)} per-prompt coefficients for {num_prompts} prompts")
             spec = replace(spec, coefficient=[values[i] for i in rows])
         sliced.append(spec)
     return sliced
@@ -219,7 +220,7 @@ def _generate_batch(
         capture.begin(max_response_tokens=max_new_tokens)
         capture.attach()
     try:
-        sequences = model.generate(
+        sequences = model.generate(  # type: ignore[operator]
             input_ids=input_ids,
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens + extra,
@@ -233,8 +234,9 @@ def _generate_batch(
             capture.remove()
     captured = capture.result() if capture is not None else None
     return [
-        _to_generation(tokenizer, text, sequences[row, prompt_length:], eos_ids, max_new_tokens,
-                       captured, row)
+        _to_generation(
+            tokenizer, text, sequences[row, prompt_length:], eos_ids, max_new_tokens, captured, row
+        )
         for row, text in enumerate(texts)
     ]
 
@@ -261,7 +263,9 @@ def _to_generation(
     if captured is not None:
         if captured.prompt_last is not None:
             generation.prompt_last = captured.prompt_last[row]
-            generation.prompt_mean = captured.prompt_mean[row] if captured.prompt_mean is not None else None
+            generation.prompt_mean = (
+                captured.prompt_mean[row] if captured.prompt_mean is not None else None
+            )
         if captured.response_mean is not None:
             generation.response_mean = captured.response_mean[row]
         generation.prompt_projections = {

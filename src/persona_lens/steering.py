@@ -49,7 +49,9 @@ class SteeringSpec:
 OperatorFn = Callable[[torch.Tensor, torch.Tensor, Any, "tuple[float, float] | None"], torch.Tensor]
 
 
-def _add(h: torch.Tensor, v: torch.Tensor, coef: Any, _: tuple[float, float] | None) -> torch.Tensor:
+def _add(
+    h: torch.Tensor, v: torch.Tensor, coef: Any, _: tuple[float, float] | None
+) -> torch.Tensor:
     return h + coef * v
 
 
@@ -117,7 +119,7 @@ def _coefficient(value: Coefficient) -> float | torch.Tensor:
             raise InputError(f"steering coefficient must be finite, got {value}")
         return coef
     try:
-        tensor = torch.tensor([float(v) for v in value], dtype=torch.float32)
+        tensor = torch.tensor([float(v) for v in value], dtype=torch.float32)  # type: ignore[union-attr]
     except (TypeError, ValueError) as exc:
         raise InputError(f"steering coefficient must be a number or a list, got {value!r}") from exc
     if tensor.numel() == 0 or not torch.isfinite(tensor).all():
@@ -251,7 +253,11 @@ class SteeringHandle:
             return operator(hidden, direction, coef, op.cap_range)
         part = operator(hidden[:, selected], direction, coef, op.cap_range)
         rest_first = selected.start is not None
-        pieces = [hidden[:, : selected.start], part] if rest_first else [part, hidden[:, selected.stop :]]
+        pieces = (
+            [hidden[:, : selected.start], part]
+            if rest_first
+            else [part, hidden[:, selected.stop :]]
+        )
         return torch.cat(pieces, dim=1)
 
 
