@@ -224,3 +224,25 @@ def test_capture_during_generation_equals_forward(family: tuple[str, nn.Module])
         rtol=1e-4,
         atol=1e-4,
     )
+
+
+EXPECTED_LETTERS = {
+    "dense": set("A"),
+    "sliding-window": set("S"),
+    "moe": set("as"),
+    "ssm": set("M"),
+    "hybrid-inter": None,
+    "hybrid-intra": set("H"),
+    "linear-attention": set("Ll"),
+    "linear-rnn": set("R"),
+}
+
+
+def test_layout_matches_category(family: tuple[str, nn.Module]) -> None:
+    name, model = family
+    layout = find_blocks(model).describe()["layout"]
+    category = zoo.ZOO[name].category
+    if category == "hybrid-inter":
+        assert len(set(layout.upper())) >= 2, f"{name}: {layout} mixes no block kinds"
+    else:
+        assert set(layout) & EXPECTED_LETTERS[category], f"{name}: {layout} for {category}"

@@ -48,7 +48,7 @@ class BlockLayout:
             "hidden_size": self.hidden_size,
             "block_classes": sorted({type(b).__name__ for b in self.blocks}),
             "block_kinds": counts,
-            "layout": "".join(_KIND_LETTER.get(k.split("+")[0], "?") for k in self.block_kinds),
+            "layout": "".join(_layout_letter(k) for k in self.block_kinds),
         }
 
 
@@ -57,10 +57,16 @@ _KIND_LETTER = {
     "sliding-attention": "S",
     "linear-attention": "L",
     "ssm": "M",
+    "conv": "C",
     "recurrent": "R",
     "hybrid": "H",
-    "other": "?",
+    "mlp": "F",
 }
+
+
+def _layout_letter(kind: str) -> str:
+    letter = _KIND_LETTER.get(kind.split("+")[0], "?")
+    return letter.lower() if kind.endswith("+moe") else letter
 
 
 def text_config(model: nn.Module) -> Any:
@@ -139,10 +145,10 @@ def _hidden_size(model: nn.Module) -> int:
     raise ArchitectureError(f"cannot tell the hidden size of {type(model).__name__}")
 
 
-_SSM_MARKERS = ("mamba", "ssm", "mixer2", "shortconv", "conv")
-_LINEAR_MARKERS = ("linearattention", "lightning", "deltanet", "gateddelta", "kda", "linear_attn")
-_RECURRENT_MARKERS = ("rwkv", "rglru", "recurrent", "xlstm", "mlstm", "slstm")
-_MOE_MARKERS = ("moe", "experts", "sparse", "router")
+_RECURRENT_MARKERS = ("rwkv", "rglru", "recurrentblock", "xlstm", "mlstm", "slstm")
+_LINEAR_MARKERS = ("lightning", "deltanet", "gateddelta", "deltaattention")
+_CONV_MARKERS = ("shortconv",)
+_MOE_MARKERS = ("experts", "moe", "router")
 
 
 def _class_names(module: nn.Module) -> list[str]:
@@ -150,29 +156,28 @@ def _class_names(module: nn.Module) -> list[str]:
 
 
 def classify_block(block: nn.Module, index: int, model: nn.Module | None = None) -> str:
-    """Coarse kind of one block: attention, sliding-attention, linear-attention, ssm,
-    recurrent or hybrid, with ``+moe`` when it routes to experts."""
+    """Coarse kind of one block from the classes it contains: recurrent, linear-attention,
+    hybrid (attention and SSM in one block), ssm, conv, sliding-attention, attention or mlp,
+    with ``+moe`` when it routes to experts."""
     names = _class_names(block)[1:]
     joined = " ".join(names)
-    layer_type = _declared_layer_type(model, index)
-    has_attention = any("attention" in n and not _any(n, _LINEAR_MARKERS) for n in names)
-    has_ssm = _any(joined, _SSM_MARKERS) and not _any(joined, ("conv1d_attention",))
-    has_linear = _any(joined, _LINEAR_MARKERS) or "linear" in layer_type
-    has_recurrent = _any(joined, _RECURRENT_MARKERS)
-    if has_linear:
-        kind = "linear-attention"
-    elif has_recurrent:
+    attention = any(n.endswith("attention") for n in names)
+    if _any(joined, _RECURRENT_MARKERS):
         kind = "recurrent"
-    elif has_attention and has_ssm and "mamba" in joined and "attention" in joined:
-        kind = "hybrid"
-    elif has_ssm and not has_attention:
-        kind = "ssm"
-    elif "sliding" in layer_type or _uses_sliding_window(block, model, layer_type):
-        kind = "sliding-attention"
-    elif has_attention:
-        kind = "attention"
+    elif _any(joined, _LINEAR_MARKERS):
+        kind = "linear-attention"
+    elif any("mamba" in n or n.endswith(("mixer", "ssm")) for n in names):
+        kind = "hybrid" if attention else "ssm"
+    elif _any(joined, _CONV_MARKERS):
+        kind = "conv"
+    elif attention:
+        layer_type = _declared_layer_type(model, index)
+        sliding = "sliding" in layer_type or "chunked" in layer_type
+        if not layer_type:
+            sliding = _uses_sliding_window(block, model)
+        kind = "sliding-attention" if sliding else "attention"
     else:
-        kind = "other"
+        kind = "mlp"
     if _any(joined, _MOE_MARKERS):
         kind += "+moe"
     return kind
@@ -191,9 +196,7 @@ def _declared_layer_type(model: nn.Module | None, index: int) -> str:
     return ""
 
 
-def _uses_sliding_window(block: nn.Module, model: nn.Module | None, layer_type: str) -> bool:
-    if layer_type:
-        return "sliding" in layer_type
+def _uses_sliding_window(block: nn.Module, model: nn.Module | None) -> bool:
     for module in block.modules():
         window = getattr(module, "sliding_window", None)
         if isinstance(window, int) and window > 0:
