@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import sys
 
-from persona_lens.cli import demo, info  # noqa: F401  (registers the commands)
-from persona_lens.cli.app import app, console
+# importing a command module registers its command on the shared app
+from persona_lens.cli import demo, export, extract, generate, info, monitor  # noqa: F401
+from persona_lens.cli.app import app
 from persona_lens.errors import PersonaLensError
 
 __all__ = ["app", "main"]
@@ -19,8 +20,9 @@ def main() -> None:
     try:
         app()
     except PersonaLensError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("interrupted")
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
