@@ -10,9 +10,7 @@ from typing import Any, cast
 
 import pytest
 import torch
-from tokenizers import Tokenizer, pre_tokenizers
-from tokenizers.models import WordLevel
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 from persona_lens import models
 from persona_lens.errors import InputError, ModelSpecError
@@ -25,43 +23,8 @@ from persona_lens.models import (
     resolve_device,
     resolve_dtype,
 )
-
-WORDS = ["<unk>", "<s>", "</s>", "user", "assistant", "hello", "world", ":"]
-TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} </s> {% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
-
-
-def _tiny_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        chat_template=TEMPLATE,
-    )
-
-
-def _tiny_model_dir(path: Path, seed: int) -> Path:
-    tokenizer = _tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+from tests.tiny import tiny_model_dir as _tiny_model_dir
+from tests.tiny import tiny_tokenizer as _tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

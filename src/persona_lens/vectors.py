@@ -8,8 +8,6 @@ metadata (``format``, ``trait``, ``model_fingerprint``, ``num_layers``, ``hidden
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from persona_lens import __version__
 from persona_lens.errors import LayerError, VectorError, VectorMismatchError
+from persona_lens.files import atomic_write
 
 FORMAT = "persona-lens/1"
 
@@ -127,8 +126,6 @@ class PersonaVector:
     # --- files --------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write atomically (temp file + rename); returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **self.metadata,
@@ -139,15 +136,8 @@ class PersonaVector:
             "library_version": __version__,
         }
         tensors = {"vectors": self.vectors, **{f"variant.{k}": v for k, v in self.variants.items()}}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        string_metadata = {k: str(v) for k, v in metadata.items()}
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=string_metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> PersonaVector:
