@@ -9,6 +9,7 @@ of attribute names, so new families work without code changes. ``block_path`` ov
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -91,11 +92,28 @@ def _param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, BlockLayout] = weakref.WeakKeyDictionary()
+
+
 def find_blocks(model: nn.Module, block_path: str | None = None) -> BlockLayout:
-    """Locate the ordered residual blocks of ``model``.
+    """Locate the ordered residual blocks of ``model`` (cached per model while its blocks
+    stay the same modules).
 
     Raises ArchitectureError when no plausible block list exists or ``block_path`` is wrong.
     """
+    cached = _LAYOUTS.get(model)
+    if cached is not None and block_path in (None, cached.path):
+        current = tuple(model.get_submodule(cached.path).children())
+        if len(current) == cached.num_layers and all(
+            a is b for a, b in zip(current, cached.blocks, strict=True)
+        ):
+            return cached
+    layout = _find_blocks(model, block_path)
+    _LAYOUTS[model] = layout
+    return layout
+
+
+def _find_blocks(model: nn.Module, block_path: str | None) -> BlockLayout:
     if block_path is not None:
         try:
             found = model.get_submodule(block_path)

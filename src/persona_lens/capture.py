@@ -98,6 +98,11 @@ class ActivationCapture:
                     f"the model's hidden size is {self.layout.hidden_size}"
                 )
         self.monitors = tuple(monitors)
+        self._monitors_at: dict[int, list[Monitor]] = {}
+        for monitor in self.monitors:
+            self._monitors_at.setdefault(monitor.layer, []).append(monitor)
+        self._units: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self._keep = set(self.layers)
         self.prompt_stats = prompt_stats
         self.want_response_mean = response_mean
         self._eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
@@ -180,7 +185,7 @@ class ActivationCapture:
             valid = torch.zeros_like(valid)
         self._finished = finished | is_eos
         self._step_valid.append(valid)
-        self._weights = {"response": valid.unsqueeze(1), "last": None, "prompt": None}
+        self._weights = {"step": valid.unsqueeze(1).float(), "response": valid.unsqueeze(1)}
 
     def _first_forward_weights(self, inputs: Any) -> dict[str, Any]:
         """Masks for the first forward: prompt tokens, and response tokens in forward mode."""
@@ -204,7 +209,7 @@ class ActivationCapture:
         if prompt is not None:
             positions = torch.arange(prompt.shape[1], device=prompt.device)
             last = torch.where(prompt, positions, -1).max(dim=1).values.clamp_min(0)
-        return {"prompt": prompt, "last": last, "response": response}
+        return {"prompt": prompt, "last": last, "response": response, "step": None}
 
     def _on_embeddings(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         self._record(0, block_input_hidden(args, kwargs))
@@ -217,33 +222,51 @@ class ActivationCapture:
 
     def _record(self, layer: int, hidden: torch.Tensor) -> None:
         with torch.no_grad():
-            self._record_layer(layer, hidden.detach())
+            if self._weights.get("step") is not None:
+                self._record_step(layer, hidden)
+            else:
+                self._record_full(layer, hidden)
 
-    def _record_layer(self, layer: int, hidden: torch.Tensor) -> None:
+    def _record_step(self, layer: int, hidden: torch.Tensor) -> None:
+        """A decoding step: one new token per row, weighted 1 while the row is responding."""
+        token = hidden[:, -1]
+        if layer in self._keep and self.want_response_mean:
+            contribution = token.float() * self._weights["step"]
+            sums = self._sums["response_mean"]
+            if layer in sums:
+                sums[layer].add_(contribution)
+            else:
+                sums[layer] = contribution
+        for monitor in self._monitors_at.get(layer, ()):
+            self._step_proj[monitor.name].append((token @ self._unit(monitor, token)).float())
+
+    def _record_full(self, layer: int, hidden: torch.Tensor) -> None:
+        """The prompt forward (generation mode) or the one full forward (forward mode)."""
         weights = self._weights
-        prompt, last, response = weights.get("prompt"), weights.get("last"), weights.get("response")
-        keep = layer in self.layers
+        prompt, last, response = weights["prompt"], weights["last"], weights["response"]
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        if keep and self.prompt_stats and prompt is not None:
+        if layer in self._keep and self.prompt_stats and prompt is not None:
             w = prompt.to(hidden.dtype)
             w = w / w.sum(dim=1, keepdim=True).clamp_min(1)
             self._sums["prompt_mean"][layer] = torch.einsum("bt,btd->bd", w, hidden).float()
             self._sums["prompt_last"][layer] = hidden[rows, last].float()
-        if keep and self.want_response_mean and response is not None:
-            contribution = torch.einsum("bt,btd->bd", response.to(hidden.dtype), hidden).float()
-            sums = self._sums["response_mean"]
-            sums[layer] = sums[layer] + contribution if layer in sums else contribution
-        for monitor in self.monitors:
-            if monitor.layer != layer:
-                continue
-            unit = monitor.unit().to(hidden.device, hidden.dtype)
-            projection = (hidden @ unit).float()
+        if layer in self._keep and self.want_response_mean and response is not None:
+            w = response.to(hidden.dtype)
+            self._sums["response_mean"][layer] = torch.einsum("bt,btd->bd", w, hidden).float()
+        for monitor in self._monitors_at.get(layer, ()):
+            projection = (hidden @ self._unit(monitor, hidden)).float()
             if last is not None:
                 self._prompt_proj[monitor.name] = projection[rows, last]
             if self._forward_mask is not None:
                 self._forward_proj[monitor.name] = projection
-            elif prompt is None:
-                self._step_proj[monitor.name].append(projection[:, -1])
+
+    def _unit(self, monitor: Monitor, like: torch.Tensor) -> torch.Tensor:
+        """The monitor's unit direction on ``like``'s device and dtype (cached)."""
+        key = (monitor.name, like.device, like.dtype)
+        unit = self._units.get(key)
+        if unit is None:
+            unit = self._units[key] = monitor.unit().to(like.device, like.dtype)
+        return unit
 
     # --- results ------------------------------------------------------------------------
     def result(self) -> CaptureResult:
@@ -304,8 +327,11 @@ def capture_forward(
     """One forward pass over full sequences; reductions over ``response_mask`` [B, T]."""
     capture = ActivationCapture(model, layout, layers=layers, monitors=monitors)
     capture.begin(response_mask=response_mask)
+    kwargs = padded_forward_kwargs(model, attention_mask)
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1  # only activations are wanted: skip the [B, T, vocab] logits
     with capture, torch.no_grad():
-        model(input_ids=input_ids, **padded_forward_kwargs(model, attention_mask))
+        model(input_ids=input_ids, **kwargs)
     return capture.result()
 
 

@@ -52,6 +52,8 @@ OperatorFn = Callable[[torch.Tensor, torch.Tensor, Any, "tuple[float, float] | N
 def _add(
     h: torch.Tensor, v: torch.Tensor, coef: Any, _: tuple[float, float] | None
 ) -> torch.Tensor:
+    if isinstance(coef, float) and coef == 1.0:  # folded adds carry their coefficient in v
+        return h + v
     return h + coef * v
 
 

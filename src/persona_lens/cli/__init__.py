@@ -8,7 +8,14 @@ from __future__ import annotations
 import sys
 
 # importing a command module registers its command on the shared app
-from persona_lens.cli import demo, export, generate, info, monitor  # noqa: F401
+from persona_lens.cli import (  # noqa: F401
+    chat,
+    demo,
+    export,
+    generate,
+    info,
+    monitor,
+)
 from persona_lens.cli.app import app
 from persona_lens.errors import PersonaLensError
 
