@@ -11,10 +11,14 @@ import sys
 from persona_lens.cli import (  # noqa: F401
     chat,
     demo,
+    eval,
+    experiment,
     export,
+    extract,
     generate,
     info,
     monitor,
+    view,
 )
 from persona_lens.cli.app import app
 from persona_lens.errors import PersonaLensError

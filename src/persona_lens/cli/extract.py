@@ -1,0 +1,98 @@
+"""``persona extract``: from a trait name (and description) to a persona vector and a report."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+from persona_lens.cli.app import ModelOption, app, console
+from persona_lens.errors import InputError
+from persona_lens.traits import TraitDefinition, load_trait
+
+
+@app.command()
+def extract(
+    trait: Annotated[str, typer.Argument(help="Built-in trait, trait JSON file, or a new name.")],
+    description: Annotated[
+        str | None, typer.Option(help="One line describing a new trait (generates a definition).")
+    ] = None,
+    model: ModelOption = "embedded",
+    judge: Annotated[
+        str, typer.Option(help="none | offline | openai:MODEL | anthropic:MODEL | hf:MODEL.")
+    ] = "offline",
+    generator: Annotated[
+        str, typer.Option(help="Writer of new trait definitions: offline | openai:M | ...")
+    ] = "offline",
+    budget: Annotated[str, typer.Option(help="quick | standard | paper.")] = "quick",
+    seed: Annotated[int, typer.Option(help="Sampling seed: same seed, same vector.")] = 0,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("vectors"),
+    batch_size: Annotated[int, typer.Option(min=1, help="Rollouts per batch.")] = 40,
+) -> None:
+    """Extract a trait's persona vector: contrastive rollouts (activations captured while
+    generating), judge filtering, mean difference, layer selection. Resumable: rerun the same
+    command after an interruption and it continues from its cache in OUT/.cache.
+
+    Examples:\n
+      persona extract optimistic --budget quick\n
+      persona extract stoic --description "calm, unemotional acceptance of hardship"\n
+      persona extract evil --judge openai:gpt-4.1-mini --budget paper --out vectors/
+    """
+    from persona_lens.extract import BUDGETS, ExtractionOptions
+    from persona_lens.extract import extract as run_extraction
+    from persona_lens.models import load_model
+    from persona_lens.report import write_report
+
+    if budget not in BUDGETS:
+        raise InputError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    definition = _resolve_trait(trait, description, generator)
+    if definition.source.startswith("generated:offline"):
+        console.print(
+            "[yellow]note:[/yellow] no generator backend used; the trait definition "
+            "comes from offline templates and a generic question bank"
+        )
+    with console.status(f"loading {model} ..."):
+        loaded = load_model(model)
+    options = ExtractionOptions(budget=budget, judge=judge, seed=seed, batch_size=batch_size)
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("rollouts", total=None)
+
+        def report_progress(stage: str, done: int, total: int) -> None:
+            bar.update(task, description=stage, completed=done, total=total)
+
+        result = run_extraction(
+            loaded, definition, options, cache_dir=out / ".cache", progress=report_progress
+        )
+    vector_path = result.vector.save(out / f"{definition.name}.safetensors")
+    command = "persona " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report = write_report(result, vector_path, command)
+    kept = result.kept_counts
+    console.print(
+        f"kept {kept['pos']} positive / {kept['neg']} negative rollouts; best layer "
+        f"{result.vector.best_layer} ({result.layer_criterion}); report {report}"
+    )
+    print(vector_path)
+
+
+def _resolve_trait(name: str, description: str | None, generator: str) -> TraitDefinition:
+    """A known trait as is; a new one written from its description by ``generator``."""
+    if description is None:
+        try:
+            return load_trait(name)
+        except InputError as exc:
+            if name.endswith(".json"):
+                raise
+            raise InputError(f"{exc}; or give --description to define a new trait") from exc
+    from persona_lens.trait_generator import generate_trait
+
+    return generate_trait(name, description, spec=generator)

@@ -1,0 +1,403 @@
+"""Automatic extraction: from a trait definition to a validated persona vector.
+
+The paper's pipeline, step by step:
+
+1. rollouts under each instruction pair's positive and negative system prompt for the
+   extraction questions, with activations captured while generating (``rollouts.py``);
+2. a judge scores each rollout's trait expression and coherence (0-100); keep positives with
+   trait > 50 and negatives with trait < 50, both coherent (>= 50);
+3. vector = per-layer mean of kept positive response averages minus the negative ones (also
+   the prompt-average and last-prompt-token variants);
+4. pick the steering layer: with a judge, steer each candidate layer at a fixed coefficient on
+   the evaluation questions and take the highest judged trait score; without one, take the
+   layer whose held-out projections separate positives from negatives best;
+5. save the vector and a report beside it.
+
+Budgets change counts only, never the method.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from persona_lens import __version__
+from persona_lens.architecture import BlockLayout, find_blocks
+from persona_lens.errors import PersonaLensError
+from persona_lens.generation import generate
+from persona_lens.judges import Judge, JudgeItem, JudgeScore, load_judge
+from persona_lens.models import LoadedModel, model_fingerprint
+from persona_lens.rollouts import Rollout, RolloutSettings, run_rollouts
+from persona_lens.steering import SteeringSpec
+from persona_lens.traits import TraitDefinition
+from persona_lens.vectors import PersonaVector
+
+
+class ExtractionError(PersonaLensError):
+    """Extraction cannot produce a vector (e.g. nothing survived filtering)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    pairs: int
+    questions: int
+    samples: int
+    max_new_tokens: int
+    eval_questions: int
+    candidate_layers: int
+
+
+BUDGETS: dict[str, Budget] = {
+    "quick": Budget(
+        pairs=5, questions=4, samples=2, max_new_tokens=40, eval_questions=3, candidate_layers=5
+    ),
+    "standard": Budget(
+        pairs=5, questions=10, samples=3, max_new_tokens=96, eval_questions=10, candidate_layers=8
+    ),
+    "paper": Budget(
+        pairs=5, questions=20, samples=10, max_new_tokens=256, eval_questions=20, candidate_layers=0
+    ),  # 0: every layer
+}
+
+
+@dataclass(frozen=True)
+class ExtractionOptions:
+    budget: str = "quick"
+    judge: str = "offline"
+    seed: int = 0
+    temperature: float = 1.0
+    batch_size: int = 40
+    min_coherence: float = 50.0
+    threshold: float = 50.0
+    steer_coefficient: float = 4.0
+
+
+@dataclass
+class ScoredRollout:
+    rollout: Rollout
+    trait: JudgeScore
+    coherence: JudgeScore
+    kept: bool = False
+    reason: str = ""
+
+
+@dataclass
+class ExtractionResult:
+    vector: PersonaVector
+    rollouts: list[ScoredRollout]
+    separation: torch.Tensor  # [L+1] held-out separation (Cohen's d)
+    sweep: dict[int, tuple[float, float]]  # layer -> (trait score, coherence) when judged
+    layer_criterion: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def kept_counts(self) -> dict[str, int]:
+        return {
+            side: sum(1 for r in self.rollouts if r.kept and r.rollout.item.side == side)
+            for side in ("pos", "neg")
+        }
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def extract(
+    loaded: LoadedModel,
+    trait: TraitDefinition,
+    options: ExtractionOptions,
+    *,
+    cache_dir: Path,
+    progress: Progress | None = None,
+) -> ExtractionResult:
+    """Run the whole pipeline; raises ExtractionError when a side has no usable rollout."""
+    if options.budget not in BUDGETS:
+        raise ExtractionError(f"unknown budget {options.budget!r}; choose {sorted(BUDGETS)}")
+    budget = BUDGETS[options.budget]
+    model, tokenizer = loaded.model, loaded.tokenizer
+    layout = find_blocks(model)
+    fingerprint = model_fingerprint(model, tokenizer)
+    judge = None if options.judge == "none" else load_judge(options.judge, check=True)
+    timings: dict[str, float] = {}
+    settings = RolloutSettings(
+        pairs=min(budget.pairs, len(trait.instructions)),
+        questions=min(budget.questions, len(trait.extraction_questions)),
+        samples=budget.samples,
+        max_new_tokens=budget.max_new_tokens,
+        temperature=options.temperature,
+        batch_size=options.batch_size,
+        seed=options.seed,
+    )
+    total = settings.pairs * settings.questions * settings.samples * 2
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress("rollouts", done, total)
+
+    started = time.perf_counter()
+    rollouts = run_rollouts(
+        model,
+        tokenizer,
+        layout,
+        trait,
+        settings,
+        cache_dir,
+        fingerprint=fingerprint,
+        progress=advance,
+    )
+    timings["rollouts"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    scored = score_rollouts(judge, trait, rollouts)
+    filter_rollouts(scored, options.threshold, options.min_coherence, judged=judge is not None)
+    timings["judge"] = time.perf_counter() - started
+
+    pos = [s.rollout for s in scored if s.kept and s.rollout.item.side == "pos"]
+    neg = [s.rollout for s in scored if s.kept and s.rollout.item.side == "neg"]
+    for side, kept in (("positive", pos), ("negative", neg)):
+        if not kept:
+            raise ExtractionError(_empty_side_message(side, scored))
+    vectors = _mean_difference(pos, neg)
+    separation = held_out_separation(scored)
+
+    started = time.perf_counter()
+    candidates = candidate_layers(layout.num_layers, budget.candidate_layers)
+    sweep: dict[int, tuple[float, float]] = {}
+    if judge is not None:
+        sweep = steering_sweep(
+            loaded, layout, judge, trait, vectors["response_avg"], candidates, budget, options
+        )
+        usable = {k: v for k, v in sweep.items() if v[1] >= options.min_coherence} or sweep
+        best_layer = max(usable, key=lambda k: usable[k][0])
+        criterion = (
+            f"steering sweep judged by {options.judge} (coefficient {options.steer_coefficient})"
+        )
+    else:
+        best_layer = max(candidates, key=lambda k: float(separation[k]))
+        criterion = "held-out projection separation (no judge)"
+    timings["layer_selection"] = time.perf_counter() - started
+
+    vector = PersonaVector(
+        vectors["response_avg"],
+        trait.name,
+        {
+            "description": trait.description,
+            "model": loaded.spec,
+            "model_fingerprint": fingerprint,
+            "method": "mean_diff/response_avg",
+            "best_layer": str(best_layer),
+            "layer_criterion": criterion,
+            "num_pos": str(len(pos)),
+            "num_neg": str(len(neg)),
+            "judge": options.judge,
+            "generator": trait.source,
+            "trait_hash": trait.content_hash(),
+            "budget": options.budget,
+            "held_out_separation": json.dumps([round(float(x), 4) for x in separation]),
+            "seed": str(options.seed),
+            "library_version": __version__,
+        },
+        {"prompt_avg": vectors["prompt_avg"], "prompt_last": vectors["prompt_last"]},
+    )
+    return ExtractionResult(vector, scored, separation, sweep, criterion, timings)
+
+
+def score_rollouts(
+    judge: Judge | None, trait: TraitDefinition, rollouts: Sequence[Rollout]
+) -> list[ScoredRollout]:
+    """Judge every rollout. A judge that learns from the run (the offline one) is cross-fitted:
+    each half is scored by a judge fitted on the other half, so no rollout grades itself."""
+    if judge is None:
+        unscored = JudgeScore(score=None)
+        return [ScoredRollout(r, unscored, unscored) for r in rollouts]
+    items = [JudgeItem(r.question, r.response) for r in rollouts]
+    coherence = judge.score_coherence(items, trait)
+    trait_scores: list[JudgeScore | None] = [None] * len(rollouts)
+    if getattr(judge, "learns_from_rollouts", False):
+        folds = [
+            [i for i in range(len(rollouts)) if rollouts[i].item.question % 2 == f] for f in (0, 1)
+        ]
+        for fold, other in ((folds[0], folds[1]), (folds[1], folds[0])):
+            fitted = load_judge(judge.spec)
+            fitted.fit(
+                trait,
+                [items[i] for i in other if rollouts[i].item.side == "pos"],
+                [items[i] for i in other if rollouts[i].item.side == "neg"],
+            )
+            for i, score in zip(
+                fold, fitted.score_trait(trait, [items[i] for i in fold]), strict=True
+            ):
+                trait_scores[i] = score
+    else:
+        trait_scores = list(judge.score_trait(trait, items))
+    return [
+        ScoredRollout(r, t if t is not None else JudgeScore(score=None), c)
+        for r, t, c in zip(rollouts, trait_scores, coherence, strict=True)
+    ]
+
+
+def filter_rollouts(
+    scored: Sequence[ScoredRollout], threshold: float, min_coherence: float, *, judged: bool
+) -> None:
+    """Mark rollouts kept or not, with the reason (in place)."""
+    for s in scored:
+        if not judged:
+            s.kept, s.reason = True, "no judge"
+            continue
+        side = s.rollout.item.side
+        score, coherence = s.trait.score, s.coherence.score
+        if s.trait.refusal:
+            s.reason = "refusal"
+        elif score is None:
+            s.reason = "unscored"
+        elif coherence is not None and coherence < min_coherence:
+            s.reason = "incoherent"
+        elif side == "pos" and score <= threshold:
+            s.reason = "trait too weak"
+        elif side == "neg" and score >= threshold:
+            s.reason = "trait present"
+        else:
+            s.kept, s.reason = True, "kept"
+
+
+def _empty_side_message(side: str, scored: Sequence[ScoredRollout]) -> str:
+    key = "pos" if side == "positive" else "neg"
+    reasons: dict[str, int] = {}
+    for s in scored:
+        if s.rollout.item.side == key:
+            reasons[s.reason] = reasons.get(s.reason, 0) + 1
+    summary = ", ".join(f"{n} {why}" for why, n in sorted(reasons.items()))
+    return (
+        f"no {side} rollout survived filtering ({summary}); try a larger --budget, a stronger "
+        "model or judge, or --judge none to skip filtering"
+    )
+
+
+def _mean_difference(pos: Sequence[Rollout], neg: Sequence[Rollout]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, attr in (
+        ("response_avg", "response_mean"),
+        ("prompt_avg", "prompt_mean"),
+        ("prompt_last", "prompt_last"),
+    ):
+        p = torch.stack([getattr(r, attr) for r in pos]).mean(0)
+        n = torch.stack([getattr(r, attr) for r in neg]).mean(0)
+        out[name] = p - n
+    return out
+
+
+def held_out_separation(scored: Sequence[ScoredRollout]) -> torch.Tensor:
+    """Per-layer Cohen's d of held-out projections, [L+1]: the direction comes from the kept
+    rollouts of even questions (all of them if a side kept none), the projections from every
+    rollout of odd questions, labelled by the system prompt that produced it; then the other
+    way round, averaged."""
+    scores = []
+    for held in (0, 1):
+        train = [s for s in scored if s.rollout.item.question % 2 != held]
+        test = [s.rollout for s in scored if s.rollout.item.question % 2 == held]
+        train_p, train_n = _side(train, "pos"), _side(train, "neg")
+        test_p = [r for r in test if r.item.side == "pos"]
+        test_n = [r for r in test if r.item.side == "neg"]
+        if not (train_p and train_n and len(test_p) > 1 and len(test_n) > 1):
+            continue
+        direction = _mean_difference(train_p, train_n)["response_avg"]
+        unit = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        proj_p = torch.einsum("nld,ld->nl", torch.stack([r.response_mean for r in test_p]), unit)
+        proj_n = torch.einsum("nld,ld->nl", torch.stack([r.response_mean for r in test_n]), unit)
+        pooled = torch.cat([proj_p - proj_p.mean(0), proj_n - proj_n.mean(0)]).std(0)
+        scores.append((proj_p.mean(0) - proj_n.mean(0)) / pooled.clamp_min(1e-6))
+    if not scores:
+        return torch.zeros(scored[0].rollout.response_mean.shape[0])
+    return torch.stack(scores).mean(0)
+
+
+def _side(scored: Sequence[ScoredRollout], side: str) -> list[Rollout]:
+    """Kept rollouts of one side, or all of that side when none was kept."""
+    rollouts = [s for s in scored if s.rollout.item.side == side]
+    kept = [s.rollout for s in rollouts if s.kept]
+    return kept or [s.rollout for s in rollouts]
+
+
+def candidate_layers(num_layers: int, count: int) -> list[int]:
+    """Layers to try for steering: ``count`` spread over the middle (20%-80%) of the model,
+    or every layer 1..L when count is 0."""
+    if count <= 0 or count >= num_layers:
+        return list(range(1, num_layers + 1))
+    low, high = max(1, round(0.2 * num_layers)), max(1, round(0.8 * num_layers))
+    if count == 1:
+        return [round((low + high) / 2)]
+    step = (high - low) / (count - 1)
+    return sorted({round(low + i * step) for i in range(count)})
+
+
+def steering_sweep(
+    loaded: LoadedModel,
+    layout: BlockLayout,
+    judge: Judge,
+    trait: TraitDefinition,
+    vectors: torch.Tensor,
+    candidates: Sequence[int],
+    budget: Budget,
+    options: ExtractionOptions,
+) -> dict[int, tuple[float, float]]:
+    """Steer each candidate layer at a fixed coefficient on the evaluation questions, all in
+    one batched run (per-prompt coefficients select each row's layer); judge the answers."""
+    questions = list(trait.evaluation_questions[: budget.eval_questions])
+    prompts = [q for _ in candidates for q in questions]
+    vector = PersonaVector(vectors, trait.name)
+    specs = []
+    for index, layer in enumerate(candidates):
+        coefficients = [
+            options.steer_coefficient if row // len(questions) == index else 0.0
+            for row in range(len(prompts))
+        ]
+        specs.append(SteeringSpec(vector, coefficients, layer))
+    answers = generate(
+        loaded.model,
+        loaded.tokenizer,
+        prompts,
+        max_new_tokens=budget.max_new_tokens,
+        batch_size=len(prompts),
+        steering=specs,
+        layout=layout,
+        seed=options.seed,
+    )
+    items = [JudgeItem(q, a.response) for q, a in zip(prompts, answers, strict=True)]
+    trait_scores = judge.score_trait(trait, items)
+    coherence = judge.score_coherence(items, trait)
+    sweep = {}
+    for index, layer in enumerate(candidates):
+        rows = range(index * len(questions), (index + 1) * len(questions))
+        sweep[layer] = (_mean([trait_scores[r] for r in rows]), _mean([coherence[r] for r in rows]))
+    return sweep
+
+
+def _mean(scores: Sequence[JudgeScore]) -> float:
+    values = [s.score for s in scores if s.score is not None]
+    return sum(values) / len(values) if values else 0.0
+
+
+def summary(result: ExtractionResult) -> dict[str, Any]:
+    """A JSON-friendly digest for reports and logs."""
+    reasons: dict[str, dict[str, int]] = {"pos": {}, "neg": {}}
+    for s in result.rollouts:
+        side = reasons[s.rollout.item.side]
+        side[s.reason] = side.get(s.reason, 0) + 1
+    layer = result.vector.best_layer
+    return {
+        "trait": result.vector.trait,
+        "best_layer": layer,
+        "layer_criterion": result.layer_criterion,
+        "kept": result.kept_counts,
+        "filter_reasons": reasons,
+        "separation_at_best_layer": float(result.separation[layer]) if layer is not None else None,
+        "timings_s": {k: round(v, 2) for k, v in result.timings.items()},
+    }
