@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-}
 if [[ -z $PY ]]; then
-    for candidate in .venv/bin/python venv/bin/python /work/venv/bin/python python3 python; do
+    for candidate in .venv/bin/python venv/bin/python python3 python; do
         if command -v "$candidate" >/dev/null 2>&1; then PY=$candidate; break; fi
     done
 fi
