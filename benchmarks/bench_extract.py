@@ -18,6 +18,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -82,41 +83,34 @@ def main() -> None:
     eos = eos_token_ids(model, tok)
     fingerprint = model_fingerprint(model, tok)
 
+    def sample(i: int, texts: list[str]) -> tuple[Any, torch.Tensor]:
+        """Plain HF sampling of one rollout batch, seeded as the extraction seeds it."""
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        torch.manual_seed(settings.seed * 100_003 + i)
+        with torch.no_grad():
+            out = model.generate(
+                **enc,
+                max_new_tokens=settings.max_new_tokens + 1,
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=None,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=eos,
+            )
+        return enc, out
+
     def bound() -> tuple[float, int]:
         tokens, start = 0, time.perf_counter()
         for i, texts in enumerate(batches):
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            torch.manual_seed(settings.seed * 100_003 + i)
-            with torch.no_grad():
-                out = model.generate(
-                    **enc,
-                    max_new_tokens=settings.max_new_tokens + 1,
-                    do_sample=True,
-                    temperature=1.0,
-                    top_p=1.0,
-                    top_k=None,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=eos,
-                )
+            enc, out = sample(i, texts)
             tokens += int(out.shape[0] * (out.shape[1] - enc["input_ids"].shape[1]))
         return time.perf_counter() - start, tokens
 
     def two_pass() -> tuple[float, int]:
         tokens, start = 0, time.perf_counter()
         for i, texts in enumerate(batches):
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            torch.manual_seed(settings.seed * 100_003 + i)
-            with torch.no_grad():
-                out = model.generate(
-                    **enc,
-                    max_new_tokens=settings.max_new_tokens + 1,
-                    do_sample=True,
-                    temperature=1.0,
-                    top_p=1.0,
-                    top_k=None,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=eos,
-                )
+            enc, out = sample(i, texts)
             prompt_len = enc["input_ids"].shape[1]
             mask = torch.cat([enc["attention_mask"], torch.ones_like(out[:, prompt_len:])], 1)
             response = torch.zeros_like(out, dtype=torch.bool)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from persona_lens.cli.app import ModelOption, app, console
-from persona_lens.cli.generate import load_checked_model, load_vector_files
+from persona_lens.cli.generate import load_checked_model, load_vector_files, stage_progress
 from persona_lens.errors import InputError
 from persona_lens.prompts_io import parse_vector_ref
 
@@ -85,7 +83,7 @@ def monitor_experiment(
 
     judge_obj = load_judge(judge, check=True)
     loaded, layout = load_checked_model(model, vectors)
-    with _progress() as report:
+    with stage_progress() as report:
         result = run_experiment(
             loaded.model,
             loaded.tokenizer,
@@ -121,23 +119,3 @@ def _parse_counts(text: str) -> tuple[int, ...]:
     except ValueError:
         raise InputError(f"--shots {text!r}: give whole numbers, e.g. 0,2,5,10,20") from None
     return counts
-
-
-@contextmanager
-def _progress() -> Iterator[Callable[[str, int, int], None]]:
-    """A stage-aware progress bar on stderr; yields ``report(stage, done, total)``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
-        task = progress.add_task("starting", total=None)
-
-        def report(stage: str, done: int, total: int) -> None:
-            progress.update(task, description=stage, completed=done, total=total)
-
-        yield report

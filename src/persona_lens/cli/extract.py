@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from persona_lens.cli.app import ModelOption, app, console
+from persona_lens.cli.generate import stage_progress
 from persona_lens.errors import InputError
 from persona_lens.traits import TraitDefinition, load_trait
 
@@ -58,20 +58,9 @@ def extract(
     with console.status(f"loading {model} ..."):
         loaded = load_model(model)
     options = ExtractionOptions(budget=budget, judge=judge, seed=seed, batch_size=batch_size)
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
-        task = bar.add_task("rollouts", total=None)
-
-        def report_progress(stage: str, done: int, total: int) -> None:
-            bar.update(task, description=stage, completed=done, total=total)
-
+    with stage_progress() as advance:
         result = run_extraction(
-            loaded, definition, options, cache_dir=out / ".cache", progress=report_progress
+            loaded, definition, options, cache_dir=out / ".cache", progress=advance
         )
     vector_path = result.vector.save(out / f"{definition.name}.safetensors")
     command = "persona " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -52,6 +52,24 @@ def progress_bar(description: str, total: int) -> Iterator[Advance]:
         yield lambda n: progress.advance(task, n)
 
 
+@contextmanager
+def stage_progress() -> Iterator[Callable[[str, int, int], None]]:
+    """A stage-aware progress bar on stderr; yields ``report(stage, done, total)``."""
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def report(stage: str, done: int, total: int) -> None:
+            progress.update(task, description=stage, completed=done, total=total)
+
+        yield report
+
+
 def load_vector_files(paths: Sequence[Path]) -> dict[Path, PersonaVector]:
     """Read each distinct vector file once (VectorError for a missing or malformed one)."""
     from persona_lens.vectors import PersonaVector
