@@ -342,3 +342,72 @@ def padded_forward_kwargs(model: nn.Module, attention_mask: torch.Tensor) -> dic
     if "position_ids" in inspect.signature(model.forward).parameters:
         kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     return kwargs
+
+
+def capture_sequences(
+    model: nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    layout: BlockLayout | None = None,
+    layers: Sequence[int] | None = None,
+    monitors: Sequence[Monitor] = (),
+    batch_size: int = 16,
+) -> list[CaptureResult]:
+    """Capture prompt + response token sequences produced elsewhere (another generation
+    engine, a dataset): length-sorted, left-padded batches through :func:`capture_forward`.
+
+    Returns one single-row :class:`CaptureResult` per sequence, in input order; the
+    reductions equal those recorded while generating the same tokens.
+    """
+    if len(prompt_ids) != len(response_ids):
+        raise InputError(f"{len(prompt_ids)} prompts for {len(response_ids)} responses")
+    if batch_size < 1:
+        raise InputError("batch_size must be at least 1")
+    layout = layout or find_blocks(model)
+    device = next(model.parameters()).device
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    results: list[CaptureResult | None] = [None] * len(lengths)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(lengths[i] for i in rows)
+        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        response = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, i in enumerate(rows):
+            tokens = [*prompt_ids[i], *response_ids[i]]
+            input_ids[j, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+            attention[j, width - len(tokens) :] = 1
+            if response_ids[i]:
+                response[j, width - len(response_ids[i]) :] = 1
+        captured = capture_forward(
+            model,
+            input_ids.to(device),
+            attention.to(device),
+            response.to(device),
+            layout=layout,
+            layers=layers,
+            monitors=monitors,
+        )
+        for j, i in enumerate(rows):
+            results[i] = _row(captured, j)
+    return [r for r in results if r is not None]
+
+
+def _row(result: CaptureResult, row: int) -> CaptureResult:
+    """Row ``row`` of a batch result as a batch of one."""
+
+    def take(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[row : row + 1]
+
+    return CaptureResult(
+        layers=result.layers,
+        prompt_last=take(result.prompt_last),
+        prompt_mean=take(result.prompt_mean),
+        response_mean=take(result.response_mean),
+        response_counts=take(result.response_counts),
+        prompt_projections={k: v[row : row + 1] for k, v in result.prompt_projections.items()},
+        token_projections={k: [v[row]] for k, v in result.token_projections.items()},
+    )

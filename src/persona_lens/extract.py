@@ -29,6 +29,7 @@ import torch
 
 from persona_lens import __version__
 from persona_lens.architecture import BlockLayout, find_blocks
+from persona_lens.backends import load_backend
 from persona_lens.errors import PersonaLensError
 from persona_lens.generation import generate
 from persona_lens.judges import Judge, JudgeItem, JudgeScore, load_judge
@@ -76,6 +77,8 @@ class ExtractionOptions:
     min_coherence: float = 50.0
     threshold: float = 50.0
     steer_coefficient: float = 4.0
+    backend: str = "hf"  # who samples the rollouts: hf | vllm (see persona_lens.backends)
+    backend_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -132,7 +135,9 @@ def extract(
         temperature=options.temperature,
         batch_size=options.batch_size,
         seed=options.seed,
+        backend=options.backend,
     )
+    backend = load_backend(options.backend, loaded, layout, **options.backend_options)
     total = settings.pairs * settings.questions * settings.samples * 2
     done = 0
 
@@ -144,9 +149,7 @@ def extract(
 
     started = time.perf_counter()
     rollouts = run_rollouts(
-        model,
-        tokenizer,
-        layout,
+        backend,
         trait,
         settings,
         cache_dir,
@@ -199,6 +202,7 @@ def extract(
             "num_neg": str(len(neg)),
             "judge": options.judge,
             "generator": trait.source,
+            "backend": options.backend,
             "trait_hash": trait.content_hash(),
             "budget": options.budget,
             "held_out_separation": json.dumps([round(float(x), 4) for x in separation]),

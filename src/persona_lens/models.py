@@ -325,6 +325,12 @@ def _resolve_source(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def model_source(spec: str) -> str:
+    """The directory or Hub id holding ``spec`` in Hugging Face format (for a GGUF file, its
+    converted cache folder): what engines that load weights themselves, like vLLM, are given."""
+    return _resolve_source(spec)[0]
+
+
 def load_model(
     spec: str = EMBEDDED,
     *,

@@ -5,7 +5,8 @@ Each rollout answers one extraction question under one system prompt of an instr
 each batch is sampled with its own seed, so a batch's outcome does not depend on which other
 batches ran: after a kill, a rerun loads the finished batches from the cache and generates the
 rest, giving exactly the vector an uninterrupted run gives. Activations (response mean, prompt
-mean, last prompt token, every layer position) are captured during generation.
+mean, last prompt token, every layer position) come from the generation backend: captured
+during generation (``hf``) or read right after it from the sampled tokens (``vllm``).
 
 Cache layout: ``<cache_dir>/<key>/batch-<i>.safetensors`` (activations) and
 ``batch-<i>.jsonl`` (texts), each written atomically; ``key`` hashes the model fingerprint,
@@ -19,14 +20,12 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from persona_lens.architecture import BlockLayout
+from persona_lens.backends import GenerationBackend
 from persona_lens.files import atomic_write, atomic_write_text
-from persona_lens.generation import generate
 from persona_lens.traits import TraitDefinition
 
 SIDES = ("pos", "neg")
@@ -63,6 +62,7 @@ class RolloutSettings:
     temperature: float
     batch_size: int
     seed: int
+    backend: str = "hf"
 
 
 def plan(settings: RolloutSettings) -> list[RolloutItem]:
@@ -91,9 +91,7 @@ def _messages(trait: TraitDefinition, item: RolloutItem) -> tuple[str, str]:
 
 
 def run_rollouts(
-    model: Any,
-    tokenizer: Any,
-    layout: BlockLayout,
+    backend: GenerationBackend,
     trait: TraitDefinition,
     settings: RolloutSettings,
     cache_dir: Path,
@@ -102,6 +100,8 @@ def run_rollouts(
     progress: Callable[[int], None] | None = None,
 ) -> list[Rollout]:
     """Generate (or load from the cache) every planned rollout with its activations."""
+    if backend.name != settings.backend:
+        raise ValueError(f"settings name backend {settings.backend!r}, got {backend.name!r}")
     items = plan(settings)
     directory = cache_dir / cache_key(fingerprint, trait, settings)
     directory.mkdir(parents=True, exist_ok=True)
@@ -112,9 +112,7 @@ def run_rollouts(
         cached = _load_batch(directory, batch_number, trait, batch)
         if cached is None:
             cached = _generate_batch(
-                model,
-                tokenizer,
-                layout,
+                backend,
                 trait,
                 settings,
                 batch,
@@ -128,9 +126,7 @@ def run_rollouts(
 
 
 def _generate_batch(
-    model: Any,
-    tokenizer: Any,
-    layout: BlockLayout,
+    backend: GenerationBackend,
     trait: TraitDefinition,
     settings: RolloutSettings,
     batch: list[RolloutItem],
@@ -139,17 +135,8 @@ def _generate_batch(
 ) -> list[Rollout]:
     texts = [_messages(trait, item) for item in batch]
     prompts = [[{"role": "system", "content": s}, {"role": "user", "content": q}] for s, q in texts]
-    generations = generate(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=settings.max_new_tokens,
-        batch_size=len(prompts),
-        do_sample=settings.temperature > 0,
-        temperature=settings.temperature if settings.temperature > 0 else 1.0,
-        seed=seed,
-        capture_layers=None,
-        layout=layout,
+    generations = backend.generate(
+        prompts, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, seed=seed
     )
     rollouts = []
     for item, (system, question), g in zip(batch, texts, generations, strict=True):

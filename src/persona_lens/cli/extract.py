@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -32,6 +33,15 @@ def extract(
     seed: Annotated[int, typer.Option(help="Sampling seed: same seed, same vector.")] = 0,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("vectors"),
     batch_size: Annotated[int, typer.Option(min=1, help="Rollouts per batch.")] = 40,
+    backend: Annotated[
+        str, typer.Option(help="Who samples the rollouts: hf (HF generate) | vllm ([vllm] extra).")
+    ] = "hf",
+    engine_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KEY=VALUE passed to vllm.LLM, repeatable (e.g. gpu_memory_utilization=0.6)."
+        ),
+    ] = None,
 ) -> None:
     """Extract a trait's persona vector: contrastive rollouts (activations captured while
     generating), judge filtering, mean difference, layer selection. Resumable: rerun the same
@@ -40,8 +50,10 @@ def extract(
     Examples:\n
       persona extract optimistic --budget quick\n
       persona extract stoic --description "calm, unemotional acceptance of hardship"\n
-      persona extract evil --judge openai:gpt-4.1-mini --budget paper --out vectors/
+      persona extract evil --judge openai:gpt-4.1-mini --budget paper --out vectors/\n
+      persona extract evil --model Qwen/Qwen2.5-7B-Instruct --backend vllm --budget standard
     """
+    from persona_lens.backends import BACKENDS
     from persona_lens.extract import BUDGETS, ExtractionOptions
     from persona_lens.extract import extract as run_extraction
     from persona_lens.models import load_model
@@ -49,6 +61,11 @@ def extract(
 
     if budget not in BUDGETS:
         raise InputError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    engine_options = _engine_options(engine_option or [])
+    if engine_options and backend != "vllm":
+        raise InputError("--engine-option applies to --backend vllm only")
     definition = _resolve_trait(trait, description, generator)
     if definition.source.startswith("generated:offline"):
         console.print(
@@ -57,7 +74,14 @@ def extract(
         )
     with console.status(f"loading {model} ..."):
         loaded = load_model(model)
-    options = ExtractionOptions(budget=budget, judge=judge, seed=seed, batch_size=batch_size)
+    options = ExtractionOptions(
+        budget=budget,
+        judge=judge,
+        seed=seed,
+        batch_size=batch_size,
+        backend=backend,
+        backend_options=engine_options,
+    )
     with stage_progress() as advance:
         result = run_extraction(
             loaded, definition, options, cache_dir=out / ".cache", progress=advance
@@ -85,3 +109,17 @@ def _resolve_trait(name: str, description: str | None, generator: str) -> TraitD
     from persona_lens.trait_generator import generate_trait
 
     return generate_trait(name, description, spec=generator)
+
+
+def _engine_options(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings to keyword arguments; values parsed as JSON when they parse."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise InputError(f"--engine-option wants KEY=VALUE, got {pair!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
