@@ -23,6 +23,8 @@ within 15% of the bound.
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -30,8 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from benchmarks._common import (
+from _common import (
     command_line,
     load_subject,
     machine_lines,
@@ -40,6 +41,7 @@ from benchmarks._common import (
     pct,
     write_section,
 )
+
 from persona_lens.architecture import find_blocks
 from persona_lens.backends import load_backend
 from persona_lens.capture import capture_forward
@@ -84,11 +86,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    label = None
     if args.model.startswith("random:"):  # saved to a folder, so that vLLM can load it too
         folder = Path(tempfile.mkdtemp(prefix="persona-lens-bench-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
         subject = load_subject(args.model, args.device or "auto", args.dtype or "auto")
         subject.model.save_pretrained(folder)
         subject.tokenizer.save_pretrained(folder)
+        label = f"{subject.label} ({subject.params / 1e6:.0f}M parameters)"
         del subject
         lm = load_model(str(folder), device=args.device, dtype=args.dtype)
     else:
@@ -249,7 +254,7 @@ def main() -> None:
         "",
         *machine_lines(lm.device),
         *([f"- vllm: {_vllm_version()}"] if args.vllm else []),
-        f"- model: {lm.name}, {lm.device.type} {str(lm.dtype).removeprefix('torch.')}",
+        f"- model: {label or lm.name}, {lm.device.type} {str(lm.dtype).removeprefix('torch.')}",
         "",
         f"{len(plan(settings))} rollouts in batches of {args.batch_size}, sampled, "
         f"{settings.max_new_tokens} new tokens max, all {layout.num_layers + 1} layer "

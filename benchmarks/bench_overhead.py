@@ -30,7 +30,7 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,18 +88,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma list of a, b, c, d (d: host cost of the hooks per step, on a stub)",
     )
     p.add_argument(
-        "--patches",
-        default=",".join(PATCHES),
-        help="experimental fixes (monkeypatches) timed in part d, comma list of: "
-        f"{', '.join(PATCHES)} (default: all)",
-    )
-    p.add_argument(
-        "--patch-configs",
-        default="capture_all+lean_capture",
-        help="patched configurations also timed in the generation runs (parts a-c), comma list "
-        "of CONFIG+PATCH",
-    )
-    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -111,163 +99,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also dump raw samples here")
     p.add_argument("--no-write", action="store_true", help="print the section, write nothing")
     return p.parse_args(argv)
-
-
-# --- experimental fixes (monkeypatches of persona_lens, timed as extra configs) -----------
-@contextlib.contextmanager
-def _patch_monitor_unit() -> Iterator[None]:
-    """Cache Monitor.unit() (capture.py ``_record_layer`` recomputes it at every step)."""
-    original = Monitor.unit
-    cache: dict[int, torch.Tensor] = {}
-
-    def unit(self: Monitor) -> torch.Tensor:
-        key = id(self)
-        if key not in cache:
-            cache[key] = original(self)
-        return cache[key]
-
-    Monitor.unit = unit  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        Monitor.unit = original  # type: ignore[method-assign]
-
-
-@contextlib.contextmanager
-def _patch_add_no_mul() -> Iterator[None]:
-    """steering ``_add``: skip ``coef * v`` when the coefficient is the scalar 1.0, which it
-    always is after ``_fold_adds`` (one tensor op less per steered block per step)."""
-    original = steering.OPERATORS["add"]
-
-    def add(h: torch.Tensor, v: torch.Tensor, coef: Any, bounds: Any) -> torch.Tensor:
-        if isinstance(coef, float) and coef == 1.0:
-            return h + v
-        return original(h, v, coef, bounds)
-
-    steering.OPERATORS["add"] = add
-    try:
-        yield
-    finally:
-        steering.OPERATORS["add"] = original
-
-
-@contextlib.contextmanager
-def _patch_lean_capture() -> Iterator[None]:
-    """capture ``_record``/``_record_layer`` for decoding steps: no ``torch.no_grad()`` when
-    grad is already off, no ``torch.arange`` per layer, the response weight cast once per step
-    instead of once per layer, ``hidden[:, -1] * w`` + in-place ``add_`` instead of einsum +
-    ``.float()`` + out-of-place add, the monitor's unit vector cached. Prompt and forward-mode
-    passes run the original code."""
-    record, record_layer = ActivationCapture._record, ActivationCapture._record_layer
-    units: dict[int, torch.Tensor] = {}
-
-    def lean_record(self: ActivationCapture, layer: int, hidden: torch.Tensor) -> None:
-        if torch.is_grad_enabled():
-            record(self, layer, hidden)
-        else:
-            lean_record_layer(self, layer, hidden.detach())
-
-    def lean_record_layer(self: ActivationCapture, layer: int, hidden: torch.Tensor) -> None:
-        weights = self._weights
-        if weights.get("prompt") is not None or self._forward_mask is not None:
-            return record_layer(self, layer, hidden)
-        response = weights.get("response")
-        last = hidden[:, -1]
-        if response is not None and self.want_response_mean and layer in self.layers:
-            w = weights.get("response_w")
-            if w is None:
-                w = weights["response_w"] = response.to(torch.float32)
-            contribution = last.float() * w
-            sums = self._sums["response_mean"]
-            if layer in sums:
-                sums[layer].add_(contribution)
-            else:
-                sums[layer] = contribution
-        for monitor in self.monitors:
-            if monitor.layer == layer:
-                unit = units.get(id(monitor))
-                if unit is None or unit.dtype != hidden.dtype or unit.device != hidden.device:
-                    unit = units[id(monitor)] = monitor.unit().to(hidden.device, hidden.dtype)
-                self._step_proj[monitor.name].append((last @ unit).float())
-        return None
-
-    ActivationCapture._record = lean_record  # type: ignore[method-assign]
-    ActivationCapture._record_layer = lean_record_layer  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        ActivationCapture._record = record  # type: ignore[method-assign]
-        ActivationCapture._record_layer = record_layer  # type: ignore[method-assign]
-
-
-@contextlib.contextmanager
-def _patch_stacked_capture() -> Iterator[None]:
-    """``lean_capture`` plus one reduction per step instead of one per layer: during decoding
-    each block hook only keeps its last-token view; the hook of the last captured layer stacks
-    them and does a single multiply-add into a [B, layers, d] float32 buffer. (Relies on blocks
-    not mutating their inputs in place - true of HF blocks - or it needs a clone per layer.)"""
-    begin, result = ActivationCapture.begin, ActivationCapture.result
-    with _patch_lean_capture():
-        lean = ActivationCapture._record_layer
-
-        def stacked_record_layer(self: Any, layer: int, hidden: torch.Tensor) -> None:
-            weights = self._weights
-            response = weights.get("response")
-            decoding = weights.get("prompt") is None and self._forward_mask is None
-            if not (decoding and response is not None and self.want_response_mean):
-                return lean(self, layer, hidden)
-            if layer in self.layers:
-                self._pending.append((layer, hidden[:, -1]))
-                if layer == self.layers[-1]:
-                    stacked = torch.stack([t for _, t in self._pending], 1).float()
-                    w = response.to(torch.float32).unsqueeze(-1)
-                    if self._acc is None:
-                        self._acc = stacked * w
-                        self._acc_layers = [layer for layer, _ in self._pending]
-                    else:
-                        self._acc.addcmul_(stacked, w)
-                    self._pending.clear()
-            if self.monitors:
-                keep, self.want_response_mean = self.want_response_mean, False
-                try:
-                    lean(self, layer, hidden)
-                finally:
-                    self.want_response_mean = keep
-            return None
-
-        def stacked_begin(self: Any, **kwargs: Any) -> None:
-            begin(self, **kwargs)
-            self._acc, self._acc_layers, self._pending = None, [], []
-
-        def stacked_result(self: Any) -> Any:
-            if getattr(self, "_acc", None) is not None:
-                for i, layer in enumerate(self._acc_layers):
-                    self._sums["response_mean"][layer] = self._acc[:, i]
-            return result(self)
-
-        ActivationCapture._record_layer = stacked_record_layer  # type: ignore[method-assign]
-        ActivationCapture.begin = stacked_begin  # type: ignore[method-assign]
-        ActivationCapture.result = stacked_result  # type: ignore[method-assign]
-        try:
-            yield
-        finally:
-            ActivationCapture._record_layer = lean  # type: ignore[method-assign]
-            ActivationCapture.begin = begin  # type: ignore[method-assign]
-            ActivationCapture.result = result  # type: ignore[method-assign]
-
-
-PATCHES: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
-    "cached_unit": _patch_monitor_unit,
-    "add_no_mul": _patch_add_no_mul,
-    "lean_capture": _patch_lean_capture,
-    "stacked_capture": _patch_stacked_capture,
-}
-PATCH_TARGETS = {
-    "cached_unit": ["monitor_1", "monitor_3"],
-    "add_no_mul": ["steer_1", "steer_all", "steer_3"],
-    "lean_capture": ["capture_all", "monitor_1", "monitor_3"],
-    "stacked_capture": ["capture_all"],
-}
 
 
 # --- the configurations -------------------------------------------------------------------
@@ -351,14 +182,12 @@ class Bench:
             means.append(result.response_mean)
         return means
 
-    def runner(self, name: str, patch: str | None = None) -> Callable[[], Sample]:
+    def runner(self, name: str) -> Callable[[], Sample]:
         def run() -> Sample:
-            ctx = PATCHES[patch]() if patch else contextlib.nullcontext()
-            with ctx:
-                if name == "hf_generate":
-                    sample, result = timed(self.hf_generate, self.s.device)
-                else:
-                    sample, result = timed(lambda: self.pl(name), self.s.device)
+            if name == "hf_generate":
+                sample, result = timed(self.hf_generate, self.s.device)
+            else:
+                sample, result = timed(lambda: self.pl(name), self.s.device)
             sample.tokens = self.counter.take()
             if name == "pl_generate" and "b" in self.args.parts:
                 fwd, means = timed(lambda: self.forward_capture(result), self.s.device)
@@ -371,12 +200,8 @@ class Bench:
 
         return run
 
-    def run(self, configs: list[str], patched: list[str]) -> dict[str, list[Sample]]:
+    def run(self, configs: list[str]) -> dict[str, list[Sample]]:
         runners = {name: self.runner(name) for name in configs}
-        for key in patched:
-            target, _, patch = key.partition("+")
-            if target in configs:
-                runners[key] = self.runner(target, patch)
         with self.counter:
             if self.args.warmup:
                 self.max_new_tokens = self.args.warmup_tokens
@@ -423,7 +248,7 @@ class HookStub(nn.Module):
 STUB_CONFIGS = ["bare", "steer_1", "steer_all", "steer_3", "monitor_1", "monitor_3", "capture_all"]
 
 
-def host_overhead(bench: Bench, patches: list[str], rounds: int = 15, steps: int = 64) -> Any:
+def host_overhead(bench: Bench, rounds: int = 15, steps: int = 64) -> dict[str, list[float]]:
     """Median host time per decoding step of the stub, with each configuration's hooks."""
     s, batch = bench.s, min(bench.args.batch_size, len(bench.prompts))
     stub = HookStub(bench.layout, s.device, s.dtype).eval()
@@ -434,9 +259,8 @@ def host_overhead(bench: Bench, patches: list[str], rounds: int = 15, steps: int
     tokens = [torch.full((batch, 1), 5, device=s.device) for _ in range(steps)]
     tokens[steps // 2][0, 0] = eos  # one row ends halfway, as in real batches
 
-    def one(name: str, patch: str | None) -> tuple[float, Any]:
-        ctx = PATCHES[patch]() if patch else contextlib.nullcontext()
-        with ctx, torch.no_grad(), contextlib.ExitStack() as stack:
+    def one(name: str) -> float:
+        with torch.no_grad(), contextlib.ExitStack() as stack:
             capture = None
             if name in bench.specs:
                 stack.enter_context(steering.steer(stub, bench.specs[name], layout=layout))
@@ -458,62 +282,34 @@ def host_overhead(bench: Bench, patches: list[str], rounds: int = 15, steps: int
                 lambda: [stub(input_ids=t, attention_mask=mask, cache=cache) for t in tokens],
                 s.device,
             )
-            result = None
             if capture is not None:
                 capture.remove()
-                result = capture.result()
-        return sample.wall / steps, result
+                capture.result()
+        return sample.wall / steps
 
-    names = [(n, None) for n in STUB_CONFIGS]
-    names += [(t, p) for p in patches for t in PATCH_TARGETS[p] if t in STUB_CONFIGS]
+    names = list(STUB_CONFIGS)
     times: dict[str, list[float]] = {}
-    results: dict[str, Any] = {}
     for rnd in range(rounds + 1):  # round 0 warms up
-        for name, patch in names[rnd % len(names) :] + names[: rnd % len(names)]:
-            key = f"{name}+{patch}" if patch else name
-            per_step, result = one(name, patch)
+        for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
+            per_step = one(name)
             if rnd:
-                times.setdefault(key, []).append(per_step)
-            results[key] = result
-    return times, _patched_results_agree(results)
+                times.setdefault(name, []).append(per_step)
+    return times
 
 
-def _patched_results_agree(results: dict[str, Any]) -> dict[str, float]:
-    """Max abs difference between each patched capture result and the unpatched one."""
-    diffs = {}
-    for key, result in results.items():
-        base, _, patch = key.partition("+")
-        if not patch or result is None:
-            continue
-        ref = results[base]
-        worst = 0.0
-        if ref.response_mean is not None:
-            worst = float((ref.response_mean - result.response_mean).abs().max())
-        for name, rows in ref.token_projections.items():
-            for a, b in zip(rows, result.token_projections[name], strict=True):
-                assert len(a) == len(b), f"{key}: token counts differ"
-                worst = max([worst, *(abs(x - y) for x, y in zip(a, b, strict=True))])
-        diffs[key] = worst
-    return diffs
-
-
-def host_report(
-    bench: Bench, times: dict[str, list[float]], diffs: dict[str, float], step_seconds: float | None
-) -> str:
+def host_report(bench: Bench, times: dict[str, list[float]], step_seconds: float | None) -> str:
     s = bench.s
     bare = median(times["bare"])
     rows = []
     for key, values in sorted(times.items(), key=lambda kv: kv[0] != "bare"):
         extra = median(values) - bare
         share = f"{extra / step_seconds * 100:+.2f}%" if step_seconds and key != "bare" else ""
-        agree = f"{diffs[key]:.1e}" if key in diffs else ""
         rows.append(
             [
                 _label(key) if key != "bare" else "no hooks (L identity blocks)",
                 fmt(median(values) * 1e6, 0),
                 fmt(extra * 1e6, 0) if key != "bare" else "",
                 share,
-                agree,
             ]
         )
     ref = (
@@ -529,13 +325,9 @@ def host_report(
             f"{min(bench.args.batch_size, len(bench.prompts))}, d={bench.layout.hidden_size}, "
             f"{s.device.type} {str(s.dtype).removeprefix('torch.')}, 64 steps x 15 rounds, "
             "medians; "
-            f"the share is relative to the real model's decoding step ({ref}). Patched rows are "
-            "candidate fixes monkeypatched into persona-lens by this script (`--patches`); "
-            "`max abs diff` compares their capture results with the unpatched code.",
+            f"the share is relative to the real model's decoding step ({ref}).",
             "",
-            md_table(
-                ["hooks", "us/step", "+us/step", "share of a real step", "max abs diff"], rows
-            ),
+            md_table(["hooks", "us/step", "+us/step", "share of a real step"], rows),
         ]
     )
 
@@ -554,8 +346,7 @@ LABELS = {
 
 
 def _label(name: str) -> str:
-    base, _, patch = name.partition("+")
-    return LABELS.get(base, base) + (f" + patch `{patch}`" if patch else "")
+    return LABELS.get(name, name)
 
 
 def report_header(bench: Bench, args: argparse.Namespace) -> list[str]:
@@ -665,24 +456,16 @@ def main(argv: list[str] | None = None) -> int:
     if not parts or any(p not in PARTS for p in parts):
         raise SystemExit(f"--parts takes a comma list of {PARTS}")
     args.parts = parts
-    patches = [p.strip() for p in args.patches.split(",") if p.strip()]
-    if any(p not in PATCHES for p in patches):
-        raise SystemExit(f"--patches takes a comma list of {sorted(PATCHES)}")
-    patched = [p.strip() for p in args.patch_configs.split(",") if p.strip()]
-    for key in patched:
-        target, _, patch = key.partition("+")
-        if patch not in PATCHES or target not in PATCH_TARGETS[patch]:
-            raise SystemExit(f"--patch-configs: {key!r} is not CONFIG+PATCH with a known pair")
     configs: list[str] = []
     for part in parts:
         configs += [c for c in CONFIGS_BY_PART[part] if c not in configs]
     subject = load_subject(args.model, args.device, args.dtype)
     bench = Bench(subject, args)
-    print(f"{subject.label} on {subject.device}: {configs} {patched}", file=sys.stderr)
-    samples = bench.run(configs, patched) if configs else {}
+    print(f"{subject.label} on {subject.device}: {configs}", file=sys.stderr)
+    samples = bench.run(configs) if configs else {}
     text = report(bench, samples, args)
     if "d" in parts:
-        times, diffs = host_overhead(bench, patches)
+        times = host_overhead(bench)
         step = None
         if "pl_generate" in samples:
             runs = samples["pl_generate"]
@@ -691,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             key = "cpu" if subject.device.type == "cpu" else "wall"
             steps = runs[0].tokens / len(bench.prompts) * batches
             step = median([getattr(r, key) for r in runs]) / steps
-        text += "\n" + host_report(bench, times, diffs, step)
+        text += "\n" + host_report(bench, times, step)
     print(text)
     if args.json:
         raw = {k: [vars(s) for s in v] for k, v in samples.items()}

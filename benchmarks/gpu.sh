@@ -43,12 +43,11 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
            --repeats 1)
     EXTRACT=(--budget quick --batch-size 8 --repeats 1)
     EXTRACT_BIG=(--model random:tiny --budget quick --batch-size 8 --repeats 1)
-    T1=300 T2=200 T3=300 T4=300 T5=300
+    T1=300 T2=200 T3=300 T4=450 T5=300
 else
     COMMON=(--device cuda --dtype bf16 --threads 0)
     EMBEDDED=(--prompts 16 --batch-size 16 --max-new-tokens 64 --repeats 5)
-    BIG=(--model random:1b --prompts 32 --batch-size 32 --max-new-tokens 128 --repeats 3
-         --patch-configs capture_all+lean_capture,steer_all+add_no_mul)
+    BIG=(--model random:1b --prompts 32 --batch-size 32 --max-new-tokens 128 --repeats 3)
     PEERS=(--pairs 20 --response-tokens 32 --prompts 16 --batch-size 16 --max-new-tokens 64
            --repeats 3)
     EXTRACT=(--budget quick --batch-size 40 --repeats 3)
