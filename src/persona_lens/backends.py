@@ -23,7 +23,14 @@ import torch
 from persona_lens.architecture import BlockLayout, find_blocks
 from persona_lens.capture import capture_sequences
 from persona_lens.errors import InputError, PersonaLensError
-from persona_lens.generation import Generation, Message, eos_token_ids, generate, render_chat
+from persona_lens.generation import (
+    Generation,
+    Message,
+    eos_token_ids,
+    generate,
+    render_chat,
+    response_tokens,
+)
 from persona_lens.models import LoadedModel, model_source
 
 BACKENDS = ("hf", "vllm")
@@ -86,12 +93,14 @@ class VLLMBackend:
 
     The engine starts on first use (tens of seconds) and is reused. It loads the same weights
     as the HF model (a GGUF's converted cache folder; vLLM does not read GGUF on CPU).
-    ``engine_options`` go to ``vllm.LLM`` and override the defaults chosen here.
+    ``engine_options`` go to ``vllm.LLM`` and override the defaults chosen here. The
+    activations of a call's responses are read in one padded forward, or in batches of
+    ``capture_batch_size``.
     """
 
     loaded: LoadedModel
     layout: BlockLayout
-    capture_batch_size: int = 16
+    capture_batch_size: int | None = None  # None: one forward per generate() call
     engine_options: dict[str, Any] = field(default_factory=dict)
     name: str = "vllm"
     _engine: Any = field(default=None, init=False, repr=False)
@@ -133,7 +142,7 @@ class VLLMBackend:
         outputs = self.engine().generate(
             [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False
         )
-        responses = [_until_eos(list(o.outputs[0].token_ids), eos, max_new_tokens) for o in outputs]
+        responses = [response_tokens(o.outputs[0].token_ids, eos, max_new_tokens) for o in outputs]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
         captured = capture_sequences(
             self.loaded.model,
@@ -141,7 +150,7 @@ class VLLMBackend:
             responses,
             pad_token_id=pad,
             layout=self.layout,
-            batch_size=self.capture_batch_size,
+            batch_size=self.capture_batch_size or len(prompts),
         )
         return [
             Generation(
@@ -154,15 +163,6 @@ class VLLMBackend:
             )
             for text, ids, c in zip(texts, responses, captured, strict=True)
         ]
-
-
-def _until_eos(ids: list[int], eos: Sequence[int], limit: int) -> list[int]:
-    """The response tokens before the first end-of-sequence token, at most ``limit``."""
-    ids = ids[:limit]
-    for position, token in enumerate(ids):
-        if token in eos:
-            return ids[:position]
-    return ids
 
 
 def _import_vllm() -> Any:

@@ -241,6 +241,16 @@ def _generate_batch(
     ]
 
 
+def response_tokens(ids: Sequence[int], eos_ids: Sequence[int], limit: int) -> list[int]:
+    """The response: generated tokens before the first end-of-sequence token, at most
+    ``limit`` (a capturing run generates one token more than asked)."""
+    ids = list(ids[:limit])
+    for position, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[:position]
+    return ids
+
+
 def _to_generation(
     tokenizer: Any,
     prompt_text: str,
@@ -250,11 +260,7 @@ def _to_generation(
     captured: CaptureResult | None,
     row: int,
 ) -> Generation:
-    ids = new_tokens.tolist()[:max_new_tokens]
-    for position, token in enumerate(ids):
-        if token in eos_ids:
-            ids = ids[:position]
-            break
+    ids = response_tokens(new_tokens.tolist(), eos_ids, max_new_tokens)
     generation = Generation(
         prompt_text=prompt_text,
         response=tokenizer.decode(ids, skip_special_tokens=True),
