@@ -34,6 +34,7 @@ def steps(repeats: int) -> dict[str, tuple[list[str], str | None]]:
     r = ["--repeats", str(repeats)]
     peers_missing = None if _installed("repeng", "steering_vectors") else "repeng/steering-vectors"
     extract = ["bench_extract.py", *r] + (["--vllm"] if _installed("vllm") else [])
+    backend = "vllm" if _installed("vllm") else "hf"
     return {
         "overhead": (["bench_overhead.py", *r], None),
         "overhead-thin30": (["bench_overhead.py", "--model", "random:thin30", *r], None),
@@ -42,6 +43,7 @@ def steps(repeats: int) -> dict[str, tuple[list[str], str | None]]:
             f"{peers_missing} not installed" if peers_missing else None,
         ),
         "extract": (extract, None),
+        "stability": (["seed_stability.py", "--backend", backend], None),
         "judge": (["judge_agreement.py"], None),
     }
 
