@@ -34,7 +34,10 @@ def extract(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("vectors"),
     batch_size: Annotated[int, typer.Option(min=1, help="Rollouts per batch.")] = 40,
     backend: Annotated[
-        str, typer.Option(help="Who samples the rollouts: hf (HF generate) | vllm ([vllm] extra).")
+        str,
+        typer.Option(
+            help="Who samples the rollouts: hf (HF generate) | vllm (needs the vllm package)."
+        ),
     ] = "hf",
     engine_option: Annotated[
         list[str] | None,
