@@ -135,7 +135,6 @@ def extract(
         temperature=options.temperature,
         batch_size=options.batch_size,
         seed=options.seed,
-        backend=options.backend,
     )
     backend = load_backend(options.backend, loaded, layout, **options.backend_options)
     total = settings.pairs * settings.questions * settings.samples * 2

@@ -10,7 +10,7 @@ during generation (``hf``) or read right after it from the sampled tokens (``vll
 
 Cache layout: ``<cache_dir>/<key>/batch-<i>.safetensors`` (activations) and
 ``batch-<i>.jsonl`` (texts), each written atomically; ``key`` hashes the model fingerprint,
-the trait definition, the sampling settings and the seed.
+the trait definition, the sampling settings, the seed and the generation backend.
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ class RolloutSettings:
     temperature: float
     batch_size: int
     seed: int
-    backend: str = "hf"
 
 
 def plan(settings: RolloutSettings) -> list[RolloutItem]:
@@ -76,9 +75,16 @@ def plan(settings: RolloutSettings) -> list[RolloutItem]:
     ]
 
 
-def cache_key(fingerprint: str, trait: TraitDefinition, settings: RolloutSettings) -> str:
+def cache_key(
+    fingerprint: str, trait: TraitDefinition, settings: RolloutSettings, backend: str
+) -> str:
     blob = json.dumps(
-        {"model": fingerprint, "trait": trait.content_hash(), "settings": settings.__dict__},
+        {
+            "model": fingerprint,
+            "trait": trait.content_hash(),
+            "settings": settings.__dict__,
+            "backend": backend,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -100,10 +106,8 @@ def run_rollouts(
     progress: Callable[[int], None] | None = None,
 ) -> list[Rollout]:
     """Generate (or load from the cache) every planned rollout with its activations."""
-    if backend.name != settings.backend:
-        raise ValueError(f"settings name backend {settings.backend!r}, got {backend.name!r}")
     items = plan(settings)
-    directory = cache_dir / cache_key(fingerprint, trait, settings)
+    directory = cache_dir / cache_key(fingerprint, trait, settings, backend.name)
     directory.mkdir(parents=True, exist_ok=True)
     rollouts: list[Rollout] = []
     for index in range(0, len(items), settings.batch_size):
