@@ -30,6 +30,7 @@ from persona_lens.models import LoadedModel, load_model, model_fingerprint
 from persona_lens.steering import SteeringSpec
 from persona_lens.traits import TraitDefinition, load_trait
 from persona_lens.vectors import PersonaVector
+from tests.crude_vector import crude_vector
 from tests.fake_judge import FakeJudge, LearningJudge, hello_share
 from tests.tiny import tiny_model_dir
 
@@ -348,24 +349,7 @@ def test_cli_eval_error_is_one_line_exit_2(tmp_path: Path) -> None:
 def test_embedded_eval_sweep_smoke(embedded_model: LoadedModel, tmp_path: Path) -> None:
     """A crude humour vector (response means under pos vs neg prompts), then a tiny sweep."""
     loaded = embedded_model
-    trait = load_trait("humorous")
-    pair = trait.instructions[0]
-    questions = list(trait.extraction_questions[:2])
-    prompts = [
-        [{"role": "system", "content": s}, {"role": "user", "content": q}]
-        for s in (pair.pos, pair.neg)
-        for q in questions
-    ]
-    gens = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=6, capture_layers=None)
-    means = torch.stack([g.response_mean for g in gens if g.response_mean is not None])
-    vector = PersonaVector(
-        means[:2].mean(0) - means[2:].mean(0),
-        "humorous",
-        {
-            "best_layer": "15",
-            "model_fingerprint": model_fingerprint(loaded.model, loaded.tokenizer),
-        },
-    )
+    vector = crude_vector(loaded, "humorous")
     vec_path = vector.save(tmp_path / "humorous.safetensors")
     out = tmp_path / "eval.json"
     result = _invoke(

@@ -32,6 +32,7 @@ from persona_lens.monitoring_experiment import (
 )
 from persona_lens.traits import TraitDefinition, load_trait
 from persona_lens.vectors import PersonaVector
+from tests.crude_vector import crude_vector
 from tests.fake_judge import FakeJudge, LearningJudge, hello_share
 from tests.tiny import tiny_model_dir
 
@@ -344,24 +345,7 @@ def test_cli_experiment_error_is_one_line_exit_2(tmp_path: Path) -> None:
 @pytest.mark.embedded
 def test_embedded_experiment_smoke(embedded_model: LoadedModel, tmp_path: Path) -> None:
     loaded = embedded_model
-    trait = load_trait("humorous")
-    pair = trait.instructions[0]
-    questions = list(trait.extraction_questions[:2])
-    prompts = [
-        [{"role": "system", "content": s}, {"role": "user", "content": q}]
-        for s in (pair.pos, pair.neg)
-        for q in questions
-    ]
-    gens = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=6, capture_layers=None)
-    means = torch.stack([g.response_mean for g in gens if g.response_mean is not None])
-    vector = PersonaVector(
-        means[:2].mean(0) - means[2:].mean(0),
-        "humorous",
-        {
-            "best_layer": "15",
-            "model_fingerprint": model_fingerprint(loaded.model, loaded.tokenizer),
-        },
-    )
+    vector = crude_vector(loaded, "humorous")
     vec = vector.save(tmp_path / "humorous.safetensors")
     out = tmp_path / "run"
     result = CliRunner().invoke(
