@@ -45,7 +45,7 @@ from _common import (
 from persona_lens.architecture import find_blocks
 from persona_lens.backends import load_backend
 from persona_lens.capture import capture_forward
-from persona_lens.extract import BUDGETS
+from persona_lens.extract import BUDGETS, _mean_difference
 from persona_lens.generation import eos_token_ids, render_chat
 from persona_lens.models import load_model, model_fingerprint
 from persona_lens.rollouts import Rollout, RolloutSettings, _messages, plan, run_rollouts
@@ -155,14 +155,17 @@ def main() -> None:
 
     last: dict[str, list[Rollout]] = {}
 
-    def rollouts_with(backend: Any, run_settings: RolloutSettings) -> tuple[float, int]:
+    def rollouts_with(
+        backend: Any, run_settings: RolloutSettings, key: str | None = None
+    ) -> tuple[float, int]:
+        """Time one set of rollouts; keep them under ``key`` (default: backend and seed)."""
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             rollouts = run_rollouts(
                 backend, trait, run_settings, Path(tmp), fingerprint=fingerprint
             )
             seconds = time.perf_counter() - start
-        last[f"{backend.name} seed {run_settings.seed}"] = rollouts
+        last[key or f"{backend.name} seed {run_settings.seed}"] = rollouts
         return seconds, sum(r.num_tokens for r in rollouts)
 
     functions: dict[str, Any] = {
@@ -178,7 +181,6 @@ def main() -> None:
         notes.append(
             f"vLLM engine start-up (once, untimed below): {time.perf_counter() - started:.1f} s"
         )
-        vllm_settings = replace(settings, backend="vllm")
 
         def vllm_bound() -> tuple[float, int]:
             from vllm import SamplingParams
@@ -203,7 +205,7 @@ def main() -> None:
             return time.perf_counter() - start, tokens
 
         functions["vllm bound"] = vllm_bound
-        functions["persona-lens vllm"] = lambda: rollouts_with(vllm_backend, vllm_settings)
+        functions["persona-lens vllm"] = lambda: rollouts_with(vllm_backend, settings)
 
     runs: dict[str, list[float]] = {name: [] for name in functions}
     bound()  # warm-up
@@ -219,12 +221,8 @@ def main() -> None:
     if args.vllm:
         greedy = replace(settings, temperature=0.0)
         rollouts_with(hf_backend, replace(settings, seed=1))
-        rollouts_with(hf_backend, greedy)
-        last["hf greedy"] = last.pop("hf seed 0")
-        rollouts_with(hf_backend, settings)  # restore "hf seed 0" (same seed: same rollouts)
-        rollouts_with(vllm_backend, replace(greedy, backend="vllm"))
-        last["vllm greedy"] = last.pop("vllm seed 0")
-        rollouts_with(vllm_backend, vllm_settings)
+        rollouts_with(hf_backend, greedy, key="hf greedy")
+        rollouts_with(vllm_backend, greedy, key="vllm greedy")
         for label, a, b in (
             ("hf seed 0 vs hf seed 1 (sampling noise)", "hf seed 0", "hf seed 1"),
             ("hf seed 0 vs vllm seed 0", "hf seed 0", "vllm seed 0"),
@@ -297,9 +295,9 @@ def _vllm_version() -> str:
 
 def _vector(rollouts: list[Rollout]) -> torch.Tensor:
     """Response-mean difference, pos minus neg, over every rollout: [L+1, d]."""
-    pos = torch.stack([r.response_mean for r in rollouts if r.item.side == "pos"]).mean(0)
-    neg = torch.stack([r.response_mean for r in rollouts if r.item.side == "neg"]).mean(0)
-    return pos - neg
+    pos = [r for r in rollouts if r.item.side == "pos"]
+    neg = [r for r in rollouts if r.item.side == "neg"]
+    return _mean_difference(pos, neg)["response_avg"]
 
 
 if __name__ == "__main__":

@@ -18,19 +18,14 @@ from pathlib import Path
 
 import torch
 from _common import command_line, machine_lines, md_table, write_section
+from bench_extract import _vector
 
 from persona_lens.architecture import find_blocks
 from persona_lens.backends import BACKENDS, load_backend
 from persona_lens.extract import BUDGETS
 from persona_lens.models import load_model, model_fingerprint
-from persona_lens.rollouts import Rollout, RolloutSettings, run_rollouts
+from persona_lens.rollouts import RolloutSettings, run_rollouts
 from persona_lens.traits import load_trait
-
-
-def _vector(rollouts: list[Rollout]) -> torch.Tensor:
-    pos = torch.stack([r.response_mean for r in rollouts if r.item.side == "pos"]).mean(0)
-    neg = torch.stack([r.response_mean for r in rollouts if r.item.side == "neg"]).mean(0)
-    return pos - neg
 
 
 def main() -> None:
@@ -59,7 +54,6 @@ def main() -> None:
                 temperature=1.0,
                 batch_size=args.batch_size,
                 seed=seed,
-                backend=args.backend,
             )
             started = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
