@@ -125,7 +125,7 @@ def byte_tokenizer() -> Any:
 
 def load_subject(spec: str, device: str, dtype: str) -> Subject:
     """``embedded`` or ``random:PRESET`` (a random Llama using the embedded tokenizer)."""
-    from persona_lens.models import load_model, resolve_device, resolve_dtype
+    from persona_lens.core.models import load_model, resolve_device, resolve_dtype
 
     if not spec.startswith("random:"):
         lm = load_model(spec, device=device, dtype=dtype)

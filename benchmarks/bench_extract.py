@@ -42,14 +42,14 @@ from _common import (
     write_section,
 )
 
-from persona_lens.architecture import find_blocks
-from persona_lens.backends import load_backend
-from persona_lens.capture import capture_forward
-from persona_lens.extract import BUDGETS, _mean_difference
-from persona_lens.generation import eos_token_ids, render_chat
-from persona_lens.models import load_model, model_fingerprint
-from persona_lens.rollouts import Rollout, RolloutSettings, _messages, plan, run_rollouts
-from persona_lens.traits import load_trait
+from persona_lens.core.architecture import find_blocks
+from persona_lens.core.capture import capture_forward
+from persona_lens.core.generation import eos_token_ids, render_chat
+from persona_lens.core.models import load_model, model_fingerprint
+from persona_lens.extraction.backends import load_backend
+from persona_lens.extraction.extract import BUDGETS, _mean_difference
+from persona_lens.extraction.rollouts import Rollout, RolloutSettings, _messages, plan, run_rollouts
+from persona_lens.traits.definitions import load_trait
 
 
 def _batches(settings: RolloutSettings, trait: object) -> list[list[str]]:

@@ -2,7 +2,7 @@
 
 Three measurements on one model, all configurations interleaved, medians over repeats:
 
-a. plain HF ``model.generate`` vs ``persona_lens.generation.generate`` without steering, with
+a. plain HF ``model.generate`` vs ``persona_lens.core.generation.generate`` without steering, with
    one vector at one layer, with all-layer steering (``layers="all"``) and with 3 vectors at
    once -> tokens/s and ratio to plain generate (goal: steering overhead under 3%);
 b. capture during generation (``capture_layers=None``: all L+1 positions, prompt stats and
@@ -56,11 +56,11 @@ from _common import (
 )
 from torch import nn
 
-from persona_lens import steering
-from persona_lens.architecture import BlockLayout, find_blocks
-from persona_lens.capture import ActivationCapture, Monitor, capture_forward
-from persona_lens.generation import Generation, generate
-from persona_lens.steering import SteeringSpec, steering_vector
+from persona_lens.core import steering
+from persona_lens.core.architecture import BlockLayout, find_blocks
+from persona_lens.core.capture import ActivationCapture, Monitor, capture_forward
+from persona_lens.core.generation import Generation, generate
+from persona_lens.core.steering import SteeringSpec, steering_vector
 
 PARTS = ("a", "b", "c", "d")
 CONFIGS_BY_PART = {

@@ -66,11 +66,11 @@ from _common import (
 )
 from torch import nn
 
-from persona_lens.architecture import BlockLayout, find_blocks
-from persona_lens.capture import capture_forward, padded_forward_kwargs
-from persona_lens.generation import generate
-from persona_lens.steering import SteeringSpec, steer, steering_vector
-from persona_lens.traits import load_trait
+from persona_lens.core.architecture import BlockLayout, find_blocks
+from persona_lens.core.capture import capture_forward, padded_forward_kwargs
+from persona_lens.core.generation import generate
+from persona_lens.core.steering import SteeringSpec, steer, steering_vector
+from persona_lens.traits.definitions import load_trait
 
 if not hasattr(np, "float_"):
     np.float_ = np.float64  # type: ignore[attr-defined]  # repeng 0.4.0 on numpy 2

@@ -38,15 +38,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from persona_lens.judge_agreement import (  # noqa: E402
+from persona_lens.judges.agreement import (  # noqa: E402
     Row,
     agreement,
     leave_one_question_out,
     load_labelled,
 )
-from persona_lens.offline_judge import OfflineJudge  # noqa: E402
-from persona_lens.trait_generator import generate_trait  # noqa: E402
-from persona_lens.traits import load_trait  # noqa: E402
+from persona_lens.judges.offline import OfflineJudge  # noqa: E402
+from persona_lens.traits.definitions import load_trait  # noqa: E402
+from persona_lens.traits.generator import generate_trait  # noqa: E402
 
 LABELLED = ROOT / "tests" / "data" / "labelled_responses.jsonl"
 ROLLOUTS = ROOT / "benchmarks" / "data" / "judge_rollouts.jsonl"
@@ -57,8 +57,8 @@ PROTOCOLS = ("zero_shot", "zero_shot_generated", "rollouts", "cv")
 def make_rollouts(path: Path = ROLLOUTS, max_new_tokens: int = 64, seed: int = 0) -> None:
     """SmolLM2 answers to each trait's extraction questions, question i under instruction pair
     i % 5, once under ``pos`` and once under ``neg`` (sampled, temperature 1)."""
-    from persona_lens.generation import generate
-    from persona_lens.models import load_model
+    from persona_lens.core.generation import generate
+    from persona_lens.core.models import load_model
 
     loaded = load_model("embedded")
     traits = sorted({r["trait"] for r in load_labelled(LABELLED)})

@@ -20,12 +20,12 @@ import torch
 from _common import command_line, machine_lines, md_table, write_section
 from bench_extract import _vector
 
-from persona_lens.architecture import find_blocks
-from persona_lens.backends import BACKENDS, load_backend
-from persona_lens.extract import BUDGETS
-from persona_lens.models import load_model, model_fingerprint
-from persona_lens.rollouts import RolloutSettings, run_rollouts
-from persona_lens.traits import load_trait
+from persona_lens.core.architecture import find_blocks
+from persona_lens.core.models import load_model, model_fingerprint
+from persona_lens.extraction.backends import BACKENDS, load_backend
+from persona_lens.extraction.extract import BUDGETS
+from persona_lens.extraction.rollouts import RolloutSettings, run_rollouts
+from persona_lens.traits.definitions import load_trait
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from persona_lens.models import LoadedModel, load_model
+from persona_lens.core.models import LoadedModel, load_model
 
 
 @pytest.fixture(scope="session")

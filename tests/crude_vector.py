@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from persona_lens.generation import generate
-from persona_lens.models import LoadedModel, model_fingerprint
-from persona_lens.traits import load_trait
-from persona_lens.vectors import PersonaVector
+from persona_lens.core.generation import generate
+from persona_lens.core.models import LoadedModel, model_fingerprint
+from persona_lens.core.vectors import PersonaVector
+from persona_lens.traits.definitions import load_trait
 
 
 def crude_vector(loaded: LoadedModel, trait_name: str, best_layer: int = 15) -> PersonaVector:

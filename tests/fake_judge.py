@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from persona_lens.judges import JudgeItem, JudgeScore
-from persona_lens.traits import TraitDefinition
+from persona_lens.judges.base import JudgeItem, JudgeScore
+from persona_lens.traits.definitions import TraitDefinition
 
 
 class FakeJudge:

@@ -1,8 +1,8 @@
 """A stand-in for the ``vllm`` package (``LLM``, ``SamplingParams``) driven by HF transformers.
 
 It loads the checkpoint folder it is given, as vLLM does, and answers each request on its own
-(batch of one, no padding), so the glue in :mod:`persona_lens.backends` is tested against an
-engine whose batching differs from HF ``generate``'s. Install it with
+(batch of one, no padding), so the glue in :mod:`persona_lens.extraction.backends` is tested
+against an engine whose batching differs from HF ``generate``'s. Install it with
 ``monkeypatch.setitem(sys.modules, "vllm", fake_vllm)``.
 """
 

@@ -9,16 +9,21 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import persona_lens.backends as backends_module
-import persona_lens.extract as extract_module
-from persona_lens.backends import BackendError, VLLMBackend, _prefill_groups, load_backend
-from persona_lens.capture import capture_sequences
+import persona_lens.extraction.backends as backends_module
+import persona_lens.extraction.extract as extract_module
 from persona_lens.cli import app
-from persona_lens.errors import InputError
-from persona_lens.extract import ExtractionOptions, extract
-from persona_lens.generation import generate, render_chat
-from persona_lens.models import LoadedModel, load_model
-from persona_lens.traits import load_trait
+from persona_lens.core.capture import capture_sequences
+from persona_lens.core.errors import InputError
+from persona_lens.core.generation import generate, render_chat
+from persona_lens.core.models import LoadedModel, load_model
+from persona_lens.extraction.backends import (
+    BackendError,
+    VLLMBackend,
+    _prefill_groups,
+    load_backend,
+)
+from persona_lens.extraction.extract import ExtractionOptions, extract
+from persona_lens.traits.definitions import load_trait
 from tests import fake_vllm
 from tests.tiny import tiny_model_dir
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from persona_lens.chat import NEUTRAL_EXCHANGE, ChatSession
 from persona_lens.cli import app
-from persona_lens.errors import InputError, LayerError, PersonaLensError, VectorMismatchError
-from persona_lens.generation import generate
-from persona_lens.models import LoadedModel, load_model, model_fingerprint
-from persona_lens.vectors import PersonaVector
+from persona_lens.core.errors import InputError, LayerError, PersonaLensError, VectorMismatchError
+from persona_lens.core.generation import generate
+from persona_lens.core.models import LoadedModel, load_model, model_fingerprint
+from persona_lens.core.vectors import PersonaVector
+from persona_lens.monitoring.chat import NEUTRAL_EXCHANGE, ChatSession
 from tests.tiny import HIDDEN_SIZE, tiny_model_dir
 
 L = 4

@@ -16,15 +16,15 @@ import torch
 from typer.testing import CliRunner
 
 from persona_lens.cli import app
-from persona_lens.errors import (
+from persona_lens.core.errors import (
     InputError,
     LayerError,
     ModelSpecError,
     VectorError,
     VectorMismatchError,
 )
-from persona_lens.models import LoadedModel, load_model, model_fingerprint
-from persona_lens.vectors import PersonaVector
+from persona_lens.core.models import LoadedModel, load_model, model_fingerprint
+from persona_lens.core.vectors import PersonaVector
 from tests.tiny import HIDDEN_SIZE, tiny_model_dir
 
 L = 4

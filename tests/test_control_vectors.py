@@ -1,4 +1,4 @@
-"""Tests of persona_lens.control_vectors and ``persona export`` / ``persona import``: the
+"""Tests of persona_lens.interop.control_vectors and ``persona export`` / ``persona import``: the
 llama.cpp control-vector GGUF layout, the layer mapping, round trips and repeng files."""
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ import torch
 from typer.testing import CliRunner
 
 from persona_lens.cli import app
-from persona_lens.control_vectors import (
+from persona_lens.core.errors import InputError, LayerError, VectorError, VectorMismatchError
+from persona_lens.core.models import LoadedModel, load_model, model_fingerprint
+from persona_lens.core.steering import SteeringSpec, steer
+from persona_lens.core.vectors import PersonaVector
+from persona_lens.interop.control_vectors import (
     export_gguf,
     from_direction_index,
     import_gguf,
     to_direction_index,
 )
-from persona_lens.errors import InputError, LayerError, VectorError, VectorMismatchError
-from persona_lens.models import LoadedModel, load_model, model_fingerprint
-from persona_lens.steering import SteeringSpec, steer
-from persona_lens.vectors import PersonaVector
 from tests.tiny import HIDDEN_SIZE, tiny_model_dir
 
 L = 4

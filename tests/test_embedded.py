@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from persona_lens.architecture import find_blocks
-from persona_lens.capture import Monitor, capture_forward
-from persona_lens.generation import generate, render_chat, to_messages
-from persona_lens.models import LoadedModel
-from persona_lens.steering import SteeringSpec
-from persona_lens.vectors import PersonaVector
+from persona_lens.core.architecture import find_blocks
+from persona_lens.core.capture import Monitor, capture_forward
+from persona_lens.core.generation import generate, render_chat, to_messages
+from persona_lens.core.models import LoadedModel
+from persona_lens.core.steering import SteeringSpec
+from persona_lens.core.vectors import PersonaVector
 
 pytestmark = pytest.mark.embedded
 

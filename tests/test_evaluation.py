@@ -13,11 +13,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from persona_lens import evaluation
-from persona_lens.architecture import BlockLayout, find_blocks
 from persona_lens.cli import app
-from persona_lens.errors import InputError
-from persona_lens.evaluation import (
+from persona_lens.core.architecture import BlockLayout, find_blocks
+from persona_lens.core.errors import InputError
+from persona_lens.core.generation import generate
+from persona_lens.core.models import LoadedModel, load_model, model_fingerprint
+from persona_lens.core.steering import SteeringSpec
+from persona_lens.core.vectors import PersonaVector
+from persona_lens.monitoring import evaluation
+from persona_lens.monitoring.evaluation import (
     EvalSettings,
     build_conditions,
     distinct_settings,
@@ -25,11 +29,7 @@ from persona_lens.evaluation import (
     parse_coefficients,
     write_eval,
 )
-from persona_lens.generation import generate
-from persona_lens.models import LoadedModel, load_model, model_fingerprint
-from persona_lens.steering import SteeringSpec
-from persona_lens.traits import TraitDefinition, load_trait
-from persona_lens.vectors import PersonaVector
+from persona_lens.traits.definitions import TraitDefinition, load_trait
 from tests.crude_vector import crude_vector
 from tests.fake_judge import FakeJudge, LearningJudge, hello_share
 from tests.tiny import tiny_model_dir
@@ -187,8 +187,8 @@ def test_learning_judge_is_fitted_on_extraction_questions_only(
 
 
 def test_which_judges_learn() -> None:
-    from persona_lens.evaluation import judge_learns
-    from persona_lens.judges import load_judge
+    from persona_lens.judges.specs import load_judge
+    from persona_lens.monitoring.evaluation import judge_learns
 
     assert judge_learns(LearningJudge()) and not judge_learns(FakeJudge())
     assert judge_learns(load_judge("offline"))  # no attribute: the offline judge learns
@@ -259,7 +259,7 @@ def test_cli_eval_with_fake_judge(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import persona_lens.judges as judges
+    import persona_lens.judges.specs as judges
 
     monkeypatch.setattr(judges, "load_judge", lambda spec, **kw: FakeJudge(hello_share))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

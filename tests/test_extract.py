@@ -10,9 +10,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import persona_lens.extract as extract_module
-import persona_lens.rollouts as rollouts_module
-from persona_lens.extract import (
+import persona_lens.extraction.extract as extract_module
+import persona_lens.extraction.rollouts as rollouts_module
+from persona_lens.core.models import LoadedModel, prepare_tokenizer
+from persona_lens.extraction.extract import (
     ExtractionError,
     ExtractionOptions,
     ScoredRollout,
@@ -20,10 +21,9 @@ from persona_lens.extract import (
     extract,
     filter_rollouts,
 )
-from persona_lens.judges import JudgeItem, JudgeScore
-from persona_lens.models import LoadedModel, prepare_tokenizer
-from persona_lens.rollouts import Rollout, RolloutItem
-from persona_lens.traits import TraitDefinition, load_trait
+from persona_lens.extraction.rollouts import Rollout, RolloutItem
+from persona_lens.judges.base import JudgeItem, JudgeScore
+from persona_lens.traits.definitions import TraitDefinition, load_trait
 from tests.tiny import tiny_tokenizer
 
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from persona_lens.capture import Monitor
 from persona_lens.cli import app
-from persona_lens.generation import generate
-from persona_lens.models import LoadedModel
-from persona_lens.steering import SteeringSpec
-from persona_lens.traits import load_trait
-from persona_lens.vectors import PersonaVector
+from persona_lens.core.capture import Monitor
+from persona_lens.core.generation import generate
+from persona_lens.core.models import LoadedModel
+from persona_lens.core.steering import SteeringSpec
+from persona_lens.core.vectors import PersonaVector
+from persona_lens.traits.definitions import load_trait
 
 pytestmark = pytest.mark.embedded
 

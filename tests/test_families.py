@@ -6,15 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from persona_lens.architecture import find_blocks
-from persona_lens.capture import (
+from persona_lens.core.architecture import find_blocks
+from persona_lens.core.capture import (
     ActivationCapture,
     Monitor,
     capture_forward,
     padded_forward_kwargs,
 )
-from persona_lens.steering import SteeringSpec, steer
-from persona_lens.vectors import PersonaVector
+from persona_lens.core.steering import SteeringSpec, steer
+from persona_lens.core.vectors import PersonaVector
 from tests import zoo
 
 PROMPT_LEN = 7

@@ -10,15 +10,21 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from persona_lens.architecture import find_blocks
-from persona_lens.capture import Monitor, capture_forward
-from persona_lens.errors import InputError, LayerError, VectorMismatchError
-from persona_lens.generation import Generation, eos_token_ids, generate, render_chat
-from persona_lens.guard import GuardHandle, GuardSpec, generate_guarded, guard, resolve_guards
-from persona_lens.models import LoadedModel, load_model
-from persona_lens.steering import SteeringSpec, steer
-from persona_lens.traits import load_trait
-from persona_lens.vectors import PersonaVector
+from persona_lens.core.architecture import find_blocks
+from persona_lens.core.capture import Monitor, capture_forward
+from persona_lens.core.errors import InputError, LayerError, VectorMismatchError
+from persona_lens.core.generation import Generation, eos_token_ids, generate, render_chat
+from persona_lens.core.models import LoadedModel, load_model
+from persona_lens.core.steering import SteeringSpec, steer
+from persona_lens.core.vectors import PersonaVector
+from persona_lens.monitoring.guard import (
+    GuardHandle,
+    GuardSpec,
+    generate_guarded,
+    guard,
+    resolve_guards,
+)
+from persona_lens.traits.definitions import load_trait
 from tests import zoo
 from tests.tiny import HIDDEN_SIZE, tiny_model_dir
 

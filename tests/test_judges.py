@@ -14,22 +14,21 @@ import pytest
 import torch
 from torch import nn
 
-from persona_lens.errors import InputError, PersonaLensError
-from persona_lens.judges import (
+from persona_lens.core.errors import InputError, PersonaLensError
+from persona_lens.interop.llm_http import AnthropicClient, OpenAIClient
+from persona_lens.judges.api import APIJudge
+from persona_lens.judges.base import (
     COHERENCE_PROMPT,
-    APIJudge,
     JudgeItem,
     JudgeScore,
     JudgeUnavailableError,
     aggregate_logprobs,
     fill_prompt,
-    load_judge,
-    parse_judge_spec,
     parse_score_text,
 )
-from persona_lens.llm_http import AnthropicClient, OpenAIClient
-from persona_lens.offline_judge import OfflineJudge, coherence_score, fit_logistic
-from persona_lens.traits import load_trait
+from persona_lens.judges.offline import OfflineJudge, coherence_score, fit_logistic
+from persona_lens.judges.specs import load_judge, parse_judge_spec
+from persona_lens.traits.definitions import load_trait
 from tests.fake_llm_server import FakeLLMServer, anthropic_message, chat_completion, free_port
 
 LABELLED = Path(__file__).parent / "data" / "labelled_responses.jsonl"
@@ -294,7 +293,7 @@ class _ScriptedLM(nn.Module):
 
 
 def _hf_judge(table: dict[tuple[int, ...], dict[int, float]]) -> Any:
-    from persona_lens.hf_judge import HFJudge
+    from persona_lens.judges.hf import HFJudge
 
     return HFJudge("hf:scripted", _ScriptedLM(table), _DigitTokenizer(), batch_size=3)
 
@@ -330,7 +329,7 @@ def test_hf_judge_refusal_and_low_mass() -> None:
 
 @pytest.mark.embedded
 def test_hf_judge_on_embedded_model(embedded_model: Any) -> None:
-    from persona_lens.hf_judge import HFJudge
+    from persona_lens.judges.hf import HFJudge
 
     judge = HFJudge("hf:embedded", embedded_model.model, embedded_model.tokenizer)
     [(dist, _)] = judge.number_distribution([judge._render("Reply with a number from 0 to 100.")])
@@ -401,7 +400,7 @@ def test_offline_coherence_heuristic() -> None:
 
 
 def _minilm_or_skip() -> None:
-    from persona_lens.embeddings import MINILM_FIX, minilm_dir
+    from persona_lens.judges.embeddings import MINILM_FIX, minilm_dir
 
     if minilm_dir() is None:
         pytest.skip(f"the bundled MiniLM model is not installed ({MINILM_FIX})")

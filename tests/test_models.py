@@ -1,4 +1,4 @@
-"""Tests of persona_lens.models: specs, devices, dtypes, fingerprints and the GGUF cache."""
+"""Tests of persona_lens.core.models: specs, devices, dtypes, fingerprints and the GGUF cache."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from persona_lens import models
-from persona_lens.errors import InputError, ModelSpecError
-from persona_lens.models import (
+from persona_lens.core import models
+from persona_lens.core.errors import InputError, ModelSpecError
+from persona_lens.core.models import (
     LoadedModel,
     embedded_gguf_path,
     load_model,

@@ -13,14 +13,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from persona_lens import monitoring_experiment as mx
-from persona_lens.architecture import BlockLayout, find_blocks
-from persona_lens.capture import Monitor, capture_forward
 from persona_lens.cli import app
-from persona_lens.errors import InputError, LayerError
-from persona_lens.generation import generate, render_chat
-from persona_lens.models import LoadedModel, load_model, model_fingerprint
-from persona_lens.monitoring_experiment import (
+from persona_lens.core.architecture import BlockLayout, find_blocks
+from persona_lens.core.capture import Monitor, capture_forward
+from persona_lens.core.errors import InputError, LayerError
+from persona_lens.core.generation import generate, render_chat
+from persona_lens.core.models import LoadedModel, load_model, model_fingerprint
+from persona_lens.core.vectors import PersonaVector
+from persona_lens.monitoring import experiment as mx
+from persona_lens.monitoring.experiment import (
     ExperimentResult,
     ExperimentSettings,
     Point,
@@ -30,8 +31,7 @@ from persona_lens.monitoring_experiment import (
     run_experiment,
     write_experiment,
 )
-from persona_lens.traits import TraitDefinition, load_trait
-from persona_lens.vectors import PersonaVector
+from persona_lens.traits.definitions import TraitDefinition, load_trait
 from tests.crude_vector import crude_vector
 from tests.fake_judge import FakeJudge, LearningJudge, hello_share
 from tests.tiny import tiny_model_dir
@@ -155,7 +155,7 @@ def test_experiment_projects_last_prompt_token_in_one_call(
     loaded, layout, _ = tiny
     spy = GenerateSpy()
     monkeypatch.setattr(mx, "generate", spy)
-    import persona_lens.evaluation as evaluation
+    import persona_lens.monitoring.evaluation as evaluation
 
     monkeypatch.setattr(evaluation, "generate", spy)
     settings = ExperimentSettings(questions=2, shot_counts=(0, 1, 3), max_new_tokens=3)
@@ -262,7 +262,7 @@ def test_cli_experiment_with_fake_judge(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import persona_lens.judges as judges
+    import persona_lens.judges.specs as judges
 
     monkeypatch.setattr(judges, "load_judge", lambda spec, **kw: FakeJudge(hello_share))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

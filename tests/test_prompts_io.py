@@ -1,4 +1,5 @@
-"""Tests of persona_lens.prompts_io: prompt JSONL, atomic JSONL output, --steer/--monitor values."""
+"""Tests of persona_lens.interop.prompts_io: prompt JSONL, atomic JSONL output, --steer and
+--monitor values."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from persona_lens.errors import InputError
-from persona_lens.prompts_io import (
+from persona_lens.core.errors import InputError
+from persona_lens.interop.prompts_io import (
     SteerArg,
     VectorRef,
     parse_layers,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from persona_lens.architecture import find_blocks
-from persona_lens.capture import Monitor, capture_forward
-from persona_lens.errors import InputError, LayerError, VectorMismatchError
-from persona_lens.steering import SteeringSpec, compile_specs, steer
-from persona_lens.vectors import PersonaVector
+from persona_lens.core.architecture import find_blocks
+from persona_lens.core.capture import Monitor, capture_forward
+from persona_lens.core.errors import InputError, LayerError, VectorMismatchError
+from persona_lens.core.steering import SteeringSpec, compile_specs, steer
+from persona_lens.core.vectors import PersonaVector
 from tests import zoo
 
 LAYER = 2

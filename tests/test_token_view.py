@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from persona_lens.errors import InputError
-from persona_lens.token_view import colour, render_token_html, write_token_views
+from persona_lens.core.errors import InputError
+from persona_lens.monitoring.token_view import colour, render_token_html, write_token_views
 
 
 class Page(HTMLParser):

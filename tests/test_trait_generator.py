@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from persona_lens.errors import InputError
-from persona_lens.trait_generator import (
+from persona_lens.core.errors import InputError
+from persona_lens.traits.definitions import parse_trait
+from persona_lens.traits.generator import (
     QUESTION_BANK,
     GeneratorUnavailableError,
     TraitGenerationError,
@@ -18,7 +19,6 @@ from persona_lens.trait_generator import (
     normalize_name,
     parse_definition,
 )
-from persona_lens.traits import parse_trait
 from tests.fake_llm_server import FakeLLMServer, anthropic_message, chat_completion, free_port
 
 
@@ -142,7 +142,7 @@ def test_generator_gives_up_after_three_malformed_answers(monkeypatch: pytest.Mo
 def test_generator_server_down(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{free_port()}/v1")
     monkeypatch.setenv("PERSONA_LENS_HTTP_TIMEOUT", "5")
-    import persona_lens.llm_http as llm_http
+    import persona_lens.interop.llm_http as llm_http
 
     monkeypatch.setattr(llm_http._HTTPClient, "_sleep", lambda self, attempt, retry_after: None)
     with pytest.raises(GeneratorUnavailableError, match=r"cannot connect.*OPENAI_BASE_URL"):

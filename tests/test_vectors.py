@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from persona_lens.errors import LayerError, VectorError, VectorMismatchError
-from persona_lens.vectors import (
+from persona_lens.core.errors import LayerError, VectorError, VectorMismatchError
+from persona_lens.core.vectors import (
     FORMAT,
     PersonaVector,
     cosine_matrix,
@@ -48,7 +48,7 @@ def test_save_load_roundtrip(tmp_path: Path) -> None:
 def test_save_failure_leaves_no_partial_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import persona_lens.vectors as vectors_module
+    import persona_lens.core.vectors as vectors_module
 
     def broken(tensors: object, filename: str, metadata: object = None) -> None:
         Path(filename).write_bytes(b"half")

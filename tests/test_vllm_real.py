@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from persona_lens.backends import load_backend
-from persona_lens.models import LoadedModel
+from persona_lens.core.models import LoadedModel
+from persona_lens.extraction.backends import load_backend
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.embedded, pytest.mark.vllm]

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from persona_lens.architecture import find_blocks  # noqa: E402
+from persona_lens.core.architecture import find_blocks  # noqa: E402
 from tests import zoo  # noqa: E402
 
 CHECKS = {

@@ -18,13 +18,13 @@ from platformdirs import user_cache_dir
 from rich.console import Console
 from rich.table import Table
 
-from persona_lens.architecture import find_blocks
-from persona_lens.capture import Monitor
-from persona_lens.generation import generate
-from persona_lens.models import load_model, model_fingerprint
-from persona_lens.steering import SteeringSpec
-from persona_lens.traits import load_trait
-from persona_lens.vectors import PersonaVector
+from persona_lens.core.architecture import find_blocks
+from persona_lens.core.capture import Monitor
+from persona_lens.core.generation import generate
+from persona_lens.core.models import load_model, model_fingerprint
+from persona_lens.core.steering import SteeringSpec
+from persona_lens.core.vectors import PersonaVector
+from persona_lens.traits.definitions import load_trait
 
 
 def run_demo(

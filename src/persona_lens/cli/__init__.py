@@ -21,7 +21,7 @@ from persona_lens.cli import (  # noqa: F401
     view,
 )
 from persona_lens.cli.app import app
-from persona_lens.errors import PersonaLensError
+from persona_lens.core.errors import PersonaLensError
 
 __all__ = ["app", "main"]
 

@@ -1,8 +1,8 @@
 """``persona chat``: an interactive chat with live trait meters, steering and guards.
 
-The logic lives in :class:`persona_lens.chat.ChatSession`; this module is the terminal loop:
-read a line, run it as a ``/command`` or send it, print the reply and one meter per monitored
-trait. A bad command prints one line and the chat goes on.
+The logic lives in :class:`persona_lens.monitoring.chat.ChatSession`; this module is the
+terminal loop: read a line, run it as a ``/command`` or send it, print the reply and one meter
+per monitored trait. A bad command prints one line and the chat goes on.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from rich.console import Console
 from rich.text import Text
 
 from persona_lens.cli.app import ModelOption, app, console
-from persona_lens.errors import InputError, PersonaLensError
-from persona_lens.prompts_io import parse_steer, parse_vector_ref
+from persona_lens.core.errors import InputError, PersonaLensError
+from persona_lens.interop.prompts_io import parse_steer, parse_vector_ref
 
 if TYPE_CHECKING:
-    from persona_lens.chat import ChatSession, Turn
+    from persona_lens.monitoring.chat import ChatSession, Turn
 
 METER_WIDTH = 10  # cells on each side of the neutral mark
 
@@ -133,8 +133,8 @@ def chat(
       persona chat --steer vectors/humorous.safetensors:1.5 --monitor vectors/humorous.safetensors\n
       persona chat --monitor vectors/evil.safetensors --guard vectors/evil.safetensors:3
     """
-    from persona_lens.chat import ChatSession
-    from persona_lens.models import load_model
+    from persona_lens.core.models import load_model
+    from persona_lens.monitoring.chat import ChatSession
 
     steer_args = [parse_steer(s) for s in steer or ()]
     monitor_refs = [parse_vector_ref(m, "--monitor") for m in monitor or ()]
@@ -170,7 +170,7 @@ def chat(
 
 def _loop(session: ChatSession, out: Console) -> None:
     """Read lines until /quit or end of input; a bad line prints one error line."""
-    from persona_lens.chat import is_command
+    from persona_lens.monitoring.chat import is_command
 
     while not session.closed:
         try:

@@ -14,8 +14,8 @@ from persona_lens.cli.generate import (
     load_vector_files,
     progress_bar,
 )
-from persona_lens.errors import InputError, LayerError
-from persona_lens.prompts_io import parse_steer, parse_vector_ref
+from persona_lens.core.errors import InputError, LayerError
+from persona_lens.interop.prompts_io import parse_steer, parse_vector_ref
 
 
 @app.command("eval")
@@ -59,7 +59,8 @@ def eval_command(
       persona eval --trait evil --sweep evil.safetensors --coefficients -2,-1,0,1,2,3
       --questions 10 --judge openai:gpt-4.1-mini --out evil-sweep.json
     """
-    from persona_lens.evaluation import (
+    from persona_lens.core.steering import SteeringSpec
+    from persona_lens.monitoring.evaluation import (
         EvalSettings,
         build_conditions,
         distinct_settings,
@@ -67,8 +68,7 @@ def eval_command(
         parse_coefficients,
         write_eval,
     )
-    from persona_lens.steering import SteeringSpec
-    from persona_lens.traits import load_trait
+    from persona_lens.traits.definitions import load_trait
 
     if out.is_dir():
         raise InputError(f"--out {out} is a directory; give a .json file")
@@ -82,7 +82,7 @@ def eval_command(
         raise InputError("eval needs a judge: --judge offline, openai:MODEL, anthropic:MODEL ...")
     paths = [a.path for a in steer_args] + ([sweep_ref.path] if sweep_ref else [])
     vectors = load_vector_files(paths)
-    from persona_lens.judges import load_judge
+    from persona_lens.judges.specs import load_judge
 
     judge_obj = load_judge(judge, check=True)
     loaded, layout = load_checked_model(model, vectors)
@@ -97,7 +97,7 @@ def eval_command(
                 f"(the vector has {'no best_layer' if layer is None else layer})"
             )
         sweep_spec = SteeringSpec(vector, 0.0, layer)
-        from persona_lens.steering import compile_specs
+        from persona_lens.core.steering import compile_specs
 
         try:
             compile_specs([sweep_spec], layout)

@@ -9,8 +9,8 @@ import typer
 
 from persona_lens.cli.app import ModelOption, app, console
 from persona_lens.cli.generate import load_checked_model, load_vector_files, stage_progress
-from persona_lens.errors import InputError
-from persona_lens.prompts_io import parse_vector_ref
+from persona_lens.core.errors import InputError
+from persona_lens.interop.prompts_io import parse_vector_ref
 
 
 @app.command("monitor-experiment")
@@ -51,12 +51,12 @@ def monitor_experiment(
       persona monitor-experiment -v evil.safetensors@16 --questions 20 --samples 5
       --max-new-tokens 128 --judge openai:gpt-4.1-mini --out runs/evil
     """
-    from persona_lens.monitoring_experiment import (
+    from persona_lens.monitoring.experiment import (
         ExperimentSettings,
         run_experiment,
         write_experiment,
     )
-    from persona_lens.traits import load_trait
+    from persona_lens.traits.definitions import load_trait
 
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; give a folder")
@@ -79,7 +79,7 @@ def monitor_experiment(
     settings.check(definition)
     if judge.strip().lower() == "none":
         raise InputError("the experiment needs a judge: --judge offline, openai:MODEL, ...")
-    from persona_lens.judges import load_judge
+    from persona_lens.judges.specs import load_judge
 
     judge_obj = load_judge(judge, check=True)
     loaded, layout = load_checked_model(model, vectors)

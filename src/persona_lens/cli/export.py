@@ -1,7 +1,7 @@
 """``persona export`` / ``persona import``: control-vector GGUF files for llama.cpp and repeng.
 
 Layer mapping: persona-lens layer l (the output of block l, 1-based) is llama.cpp's and repeng's
-``direction.(l-1)``; see :mod:`persona_lens.control_vectors`.
+``direction.(l-1)``; see :mod:`persona_lens.interop.control_vectors`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Annotated
 import typer
 
 from persona_lens.cli.app import app, console
-from persona_lens.errors import InputError, VectorMismatchError
-from persona_lens.prompts_io import parse_layers
+from persona_lens.core.errors import InputError, VectorMismatchError
+from persona_lens.interop.prompts_io import parse_layers
 
 FORMATS = ("gguf",)
 
@@ -57,8 +57,8 @@ def export(
       persona export evil.safetensors --layer-range 12-18 --coefficient 0.5 -o evil.gguf\n
       llama-cli -m model.gguf --control-vector-scaled humorous.gguf 1.0
     """
-    from persona_lens.control_vectors import export_gguf, to_direction_index
-    from persona_lens.vectors import PersonaVector
+    from persona_lens.core.vectors import PersonaVector
+    from persona_lens.interop.control_vectors import export_gguf, to_direction_index
 
     if fmt.lower() not in FORMATS:
         raise InputError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -100,15 +100,15 @@ def import_(
       persona import happy.gguf -o happy.safetensors\n
       persona import happy.gguf --model ./Mistral-7B-Instruct -o happy.safetensors
     """
-    from persona_lens.control_vectors import import_gguf
+    from persona_lens.interop.control_vectors import import_gguf
 
     if out.suffix != ".safetensors":
         raise InputError(f"--out {out} should end in .safetensors")
     if model is None:
         vector = import_gguf(control_vector, trait=trait)
     else:
-        from persona_lens.architecture import find_blocks
-        from persona_lens.models import load_model, model_fingerprint
+        from persona_lens.core.architecture import find_blocks
+        from persona_lens.core.models import load_model, model_fingerprint
 
         with console.status(f"loading {model} ..."):
             lm = load_model(model)

@@ -12,8 +12,8 @@ import typer
 
 from persona_lens.cli.app import ModelOption, app, console
 from persona_lens.cli.generate import stage_progress
-from persona_lens.errors import InputError
-from persona_lens.traits import TraitDefinition, load_trait
+from persona_lens.core.errors import InputError
+from persona_lens.traits.definitions import TraitDefinition, load_trait
 
 
 @app.command()
@@ -56,11 +56,11 @@ def extract(
       persona extract evil --judge openai:gpt-4.1-mini --budget paper --out vectors/\n
       persona extract evil --model Qwen/Qwen2.5-7B-Instruct --backend vllm --budget standard
     """
-    from persona_lens.backends import BACKENDS
-    from persona_lens.extract import BUDGETS, ExtractionOptions
-    from persona_lens.extract import extract as run_extraction
-    from persona_lens.models import load_model
-    from persona_lens.report import write_report
+    from persona_lens.core.models import load_model
+    from persona_lens.extraction.backends import BACKENDS
+    from persona_lens.extraction.extract import BUDGETS, ExtractionOptions
+    from persona_lens.extraction.extract import extract as run_extraction
+    from persona_lens.extraction.report import write_report
 
     if budget not in BUDGETS:
         raise InputError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
@@ -109,7 +109,7 @@ def _resolve_trait(name: str, description: str | None, generator: str) -> TraitD
             if name.endswith(".json"):
                 raise
             raise InputError(f"{exc}; or give --description to define a new trait") from exc
-    from persona_lens.trait_generator import generate_trait
+    from persona_lens.traits.generator import generate_trait
 
     return generate_trait(name, description, spec=generator)
 

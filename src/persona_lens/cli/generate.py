@@ -15,8 +15,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from persona_lens.cli.app import ModelOption, app, console
-from persona_lens.errors import InputError, LayerError, VectorMismatchError
-from persona_lens.prompts_io import (
+from persona_lens.core.errors import InputError, LayerError, VectorMismatchError
+from persona_lens.interop.prompts_io import (
     LayerSel,
     SteerArg,
     VectorRef,
@@ -28,11 +28,11 @@ from persona_lens.prompts_io import (
 )
 
 if TYPE_CHECKING:  # heavy imports stay inside the commands
-    from persona_lens.architecture import BlockLayout
-    from persona_lens.capture import Monitor
-    from persona_lens.models import LoadedModel
-    from persona_lens.steering import SteeringSpec
-    from persona_lens.vectors import PersonaVector
+    from persona_lens.core.architecture import BlockLayout
+    from persona_lens.core.capture import Monitor
+    from persona_lens.core.models import LoadedModel
+    from persona_lens.core.steering import SteeringSpec
+    from persona_lens.core.vectors import PersonaVector
 
 Advance = Callable[[int], None]
 
@@ -72,7 +72,7 @@ def stage_progress() -> Iterator[Callable[[str, int, int], None]]:
 
 def load_vector_files(paths: Sequence[Path]) -> dict[Path, PersonaVector]:
     """Read each distinct vector file once (VectorError for a missing or malformed one)."""
-    from persona_lens.vectors import PersonaVector
+    from persona_lens.core.vectors import PersonaVector
 
     vectors: dict[Path, PersonaVector] = {}
     for path in paths:
@@ -85,8 +85,8 @@ def load_checked_model(
     spec: str, vectors: dict[Path, PersonaVector]
 ) -> tuple[LoadedModel, BlockLayout]:
     """Load the model and refuse vectors made for another one (VectorMismatchError)."""
-    from persona_lens.architecture import find_blocks
-    from persona_lens.models import load_model, model_fingerprint
+    from persona_lens.core.architecture import find_blocks
+    from persona_lens.core.models import load_model, model_fingerprint
 
     with console.status(f"loading {spec} ..."):
         loaded = load_model(spec)
@@ -101,7 +101,7 @@ def load_checked_model(
 
 
 def _single_layer(sel: LayerSel, vector: PersonaVector, what: str, num_layers: int) -> int:
-    from persona_lens.vectors import check_layer
+    from persona_lens.core.vectors import check_layer
 
     if sel is None:
         best = vector.best_layer
@@ -126,7 +126,7 @@ def build_monitors(
 
     Monitor names are the output keys: the trait, or ``trait@layer`` where traits repeat.
     """
-    from persona_lens.capture import Monitor
+    from persona_lens.core.capture import Monitor
 
     chosen = []
     for ref in refs:
@@ -144,7 +144,7 @@ def build_steering(
     args: Sequence[SteerArg], vectors: dict[Path, PersonaVector], layout: BlockLayout
 ) -> list[SteeringSpec]:
     """SteeringSpecs for ``--steer`` values, validated against the model's layers."""
-    from persona_lens.steering import SteeringSpec, compile_specs
+    from persona_lens.core.steering import SteeringSpec, compile_specs
 
     specs = []
     for arg in args:
@@ -182,7 +182,7 @@ def generation_records(
     """Generate for every record; each output keeps the input fields and adds ``response``,
     ``projections`` (response average), ``prompt_projections`` (last prompt token) and, if
     asked, ``token_projections`` and ``tokens``."""
-    from persona_lens.generation import generate
+    from persona_lens.core.generation import generate
 
     if temperature < 0:
         raise InputError("--temperature must be 0 (greedy) or positive")

@@ -26,8 +26,8 @@ def info(
       persona info\n
       persona info ./my-model --json
     """
-    from persona_lens.architecture import find_blocks
-    from persona_lens.models import load_model
+    from persona_lens.core.architecture import find_blocks
+    from persona_lens.core.models import load_model
 
     with console.status(f"loading {model} ..."):
         loaded = load_model(model)

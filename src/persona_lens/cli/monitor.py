@@ -24,13 +24,13 @@ from persona_lens.cli.generate import (
     parse_monitor_refs,
     progress_bar,
 )
-from persona_lens.errors import InputError
-from persona_lens.prompts_io import read_prompts, write_jsonl
+from persona_lens.core.errors import InputError
+from persona_lens.interop.prompts_io import read_prompts, write_jsonl
 
 if TYPE_CHECKING:
-    from persona_lens.architecture import BlockLayout
-    from persona_lens.capture import Monitor
-    from persona_lens.models import LoadedModel
+    from persona_lens.core.architecture import BlockLayout
+    from persona_lens.core.capture import Monitor
+    from persona_lens.core.models import LoadedModel
 
 
 def prompt_projections(
@@ -46,8 +46,8 @@ def prompt_projections(
     """Last-prompt-token projection per monitor for every record: batched forward passes."""
     import torch
 
-    from persona_lens.capture import capture_forward
-    from persona_lens.generation import render_chat, to_messages
+    from persona_lens.core.capture import capture_forward
+    from persona_lens.core.generation import render_chat, to_messages
 
     tokenizer = loaded.tokenizer
     texts = [render_chat(tokenizer, to_messages(r, system)) for r in records]

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from persona_lens.cli.app import app
-from persona_lens.errors import InputError
+from persona_lens.core.errors import InputError
 
 
 @app.command()
@@ -28,7 +28,7 @@ def view(
       -o gen.jsonl\n
       persona view gen.jsonl --out tokens.html
     """
-    from persona_lens.token_view import read_records, write_token_views
+    from persona_lens.monitoring.token_view import read_records, write_token_views
 
     if out.is_dir():
         raise InputError(f"--out {out} is a directory; give an .html file")

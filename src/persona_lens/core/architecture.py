@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from persona_lens.errors import ArchitectureError
+from persona_lens.core.errors import ArchitectureError
 
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 

@@ -28,10 +28,15 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from persona_lens.architecture import BlockLayout, block_hidden, block_input_hidden, find_blocks
-from persona_lens.errors import InputError
-from persona_lens.positions import read_forward_inputs
-from persona_lens.vectors import check_layer
+from persona_lens.core.architecture import (
+    BlockLayout,
+    block_hidden,
+    block_input_hidden,
+    find_blocks,
+)
+from persona_lens.core.errors import InputError
+from persona_lens.core.positions import read_forward_inputs
+from persona_lens.core.vectors import check_layer
 
 
 @dataclass(frozen=True)

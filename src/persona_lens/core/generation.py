@@ -2,7 +2,7 @@
 
 Prompts are rendered with the tokenizer's chat template, sorted by length, batched with left
 padding and generated with HF ``generate``. Steering hooks and an
-:class:`~persona_lens.capture.ActivationCapture` ride along, so every response comes back
+:class:`~persona_lens.core.capture.ActivationCapture` ride along, so every response comes back
 with its activations and monitor projections without a second forward pass.
 
 To capture the activation of a response's last token, which ``generate`` never feeds back,
@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from persona_lens.architecture import BlockLayout, find_blocks
-from persona_lens.capture import ActivationCapture, CaptureResult, Monitor
-from persona_lens.errors import InputError
-from persona_lens.steering import SteeringHandle, SteeringSpec, compile_specs
+from persona_lens.core.architecture import BlockLayout, find_blocks
+from persona_lens.core.capture import ActivationCapture, CaptureResult, Monitor
+from persona_lens.core.errors import InputError
+from persona_lens.core.steering import SteeringHandle, SteeringSpec, compile_specs
 
 Message = dict[str, str]
 PromptLike = str | Sequence[Message] | dict[str, Any]

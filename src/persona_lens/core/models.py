@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from persona_lens.errors import InputError, ModelSpecError
+from persona_lens.core.errors import InputError, ModelSpecError
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"

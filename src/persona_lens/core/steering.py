@@ -24,10 +24,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from persona_lens.architecture import BlockLayout, block_hidden, find_blocks, with_block_hidden
-from persona_lens.errors import InputError, LayerError
-from persona_lens.positions import POSITIONS, Positions, PositionTracker
-from persona_lens.vectors import PersonaVector, check_finite_matrix, check_layer
+from persona_lens.core.architecture import BlockLayout, block_hidden, find_blocks, with_block_hidden
+from persona_lens.core.errors import InputError, LayerError
+from persona_lens.core.positions import POSITIONS, Positions, PositionTracker
+from persona_lens.core.vectors import PersonaVector, check_finite_matrix, check_layer
 
 Operator = Literal["add", "ablate", "cap"]
 Layers = int | Sequence[int] | Literal["all"] | None

@@ -16,9 +16,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from persona_lens import __version__
-from persona_lens.errors import LayerError, VectorError, VectorMismatchError
-from persona_lens.files import atomic_write
+from persona_lens.core.errors import LayerError, VectorError, VectorMismatchError
+from persona_lens.core.files import atomic_write
+from persona_lens.core.version import __version__
 
 FORMAT = "persona-lens/1"
 

@@ -3,10 +3,10 @@
 - ``hf`` (default): HF ``generate`` with activations captured while generating (one pass).
 - ``vllm``: vLLM samples the responses (continuous batching, paged attention: several times
   HF's throughput on a GPU); the HF model then reads the activations of exactly the sampled
-  tokens in one batched forward pass (:func:`~persona_lens.capture.capture_sequences`).
+  tokens in one batched forward pass (:func:`~persona_lens.core.capture.capture_sequences`).
 
 Both take the same chat prompts, rendered with the HF tokenizer's template and handed to the
-engine as token ids, and return :class:`~persona_lens.generation.Generation` objects with
+engine as token ids, and return :class:`~persona_lens.core.generation.Generation` objects with
 ``response_mean``, ``prompt_mean`` and ``prompt_last`` for every layer position 0..L, so the
 vectors they lead to agree up to sampling noise (exactly, when decoding greedily).
 """
@@ -20,10 +20,10 @@ from typing import Any, Protocol
 
 import torch
 
-from persona_lens.architecture import BlockLayout, find_blocks
-from persona_lens.capture import capture_sequences
-from persona_lens.errors import InputError, PersonaLensError
-from persona_lens.generation import (
+from persona_lens.core.architecture import BlockLayout, find_blocks
+from persona_lens.core.capture import capture_sequences
+from persona_lens.core.errors import InputError, PersonaLensError
+from persona_lens.core.generation import (
     Generation,
     Message,
     eos_token_ids,
@@ -31,7 +31,7 @@ from persona_lens.generation import (
     render_chat,
     response_tokens,
 )
-from persona_lens.models import LoadedModel, model_source
+from persona_lens.core.models import LoadedModel, model_source
 
 BACKENDS = ("hf", "vllm")
 

@@ -27,17 +27,18 @@ from typing import Any
 
 import torch
 
-from persona_lens import __version__
-from persona_lens.architecture import BlockLayout, find_blocks
-from persona_lens.backends import load_backend
-from persona_lens.errors import PersonaLensError
-from persona_lens.generation import generate
-from persona_lens.judges import Judge, JudgeItem, JudgeScore, load_judge
-from persona_lens.models import LoadedModel, model_fingerprint
-from persona_lens.rollouts import Rollout, RolloutSettings, run_rollouts
-from persona_lens.steering import SteeringSpec
-from persona_lens.traits import TraitDefinition
-from persona_lens.vectors import PersonaVector
+from persona_lens.core.architecture import BlockLayout, find_blocks
+from persona_lens.core.errors import PersonaLensError
+from persona_lens.core.generation import generate
+from persona_lens.core.models import LoadedModel, model_fingerprint
+from persona_lens.core.steering import SteeringSpec
+from persona_lens.core.vectors import PersonaVector
+from persona_lens.core.version import __version__
+from persona_lens.extraction.backends import load_backend
+from persona_lens.extraction.rollouts import Rollout, RolloutSettings, run_rollouts
+from persona_lens.judges.base import Judge, JudgeItem, JudgeScore
+from persona_lens.judges.specs import load_judge
+from persona_lens.traits.definitions import TraitDefinition
 
 
 class ExtractionError(PersonaLensError):
@@ -77,7 +78,9 @@ class ExtractionOptions:
     min_coherence: float = 50.0
     threshold: float = 50.0
     steer_coefficient: float = 4.0
-    backend: str = "hf"  # who samples the rollouts: hf | vllm (see persona_lens.backends)
+    backend: str = (
+        "hf"  # who samples the rollouts: hf | vllm (see persona_lens.extraction.backends)
+    )
     backend_options: dict[str, Any] = field(default_factory=dict)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from persona_lens.extract import ExtractionResult, ScoredRollout, summary
-from persona_lens.files import atomic_write, atomic_write_text
+from persona_lens.core.files import atomic_write, atomic_write_text
+from persona_lens.extraction.extract import ExtractionResult, ScoredRollout, summary
 
 
 def write_report(result: ExtractionResult, vector_path: Path, command: str) -> Path:

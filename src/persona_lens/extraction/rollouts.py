@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from persona_lens.backends import GenerationBackend
-from persona_lens.files import atomic_write, atomic_write_text
-from persona_lens.traits import TraitDefinition
+from persona_lens.core.files import atomic_write, atomic_write_text
+from persona_lens.extraction.backends import GenerationBackend
+from persona_lens.traits.definitions import TraitDefinition
 
 SIDES = ("pos", "neg")
 

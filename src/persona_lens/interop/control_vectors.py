@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from persona_lens.errors import LayerError, VectorError, VectorMismatchError
-from persona_lens.files import atomic_write
-from persona_lens.vectors import PersonaVector
+from persona_lens.core.errors import LayerError, VectorError, VectorMismatchError
+from persona_lens.core.files import atomic_write
+from persona_lens.core.vectors import PersonaVector
 
 ARCH = "controlvector"
 LAYER_OFFSET = 1

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from persona_lens.errors import InputError
-from persona_lens.files import atomic_write
+from persona_lens.core.errors import InputError
+from persona_lens.core.files import atomic_write
 
 LayerSel = int | Literal["all"] | tuple[int, ...] | None
 """A layer selection: one layer, ``"all"``, several layers, or None (the vector's best_layer)."""

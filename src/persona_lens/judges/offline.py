@@ -1,8 +1,8 @@
 """The offline judge: trait scores from sentence embeddings, coherence from text statistics.
 
-Needs neither network nor key. Answers are embedded (:mod:`persona_lens.embeddings`: the bundled
-all-MiniLM-L6-v2, else the embedded SmolLM2's states) and scored by a per-trait logistic model
-``p = sigmoid(w . e + b)``, reported as ``100 * p``.
+Needs neither network nor key. Answers are embedded (:mod:`persona_lens.judges.embeddings`: the
+bundled all-MiniLM-L6-v2, else the embedded SmolLM2's states) and scored by a per-trait logistic
+model ``p = sigmoid(w . e + b)``, reported as ``100 * p``.
 
 * **Prior (before ``fit``)**: ``w0 = k * (mean(pos) - mean(neg))`` where ``pos``/``neg`` are the
   unit centroids of the trait's eliciting and suppressing system prompts: an answer scores above
@@ -39,8 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from persona_lens.embeddings import Embedder, load_embedder
-from persona_lens.traits import TraitDefinition
+from persona_lens.judges.base import JudgeItem, JudgeScore, JudgeUnavailableError
+from persona_lens.judges.embeddings import Embedder, load_embedder
+from persona_lens.traits.definitions import TraitDefinition
 
 PRIOR_SCALE = 40.0
 L2 = 1.0
@@ -301,3 +302,36 @@ class OfflineJudge:
     def coherence(self, question: str, answer: str) -> float:
         value = coherence_score(question, answer)
         return 0.0 if math.isnan(value) else value
+
+
+class OfflineJudgeAdapter:
+    """``offline``: the embedding classifier of :mod:`persona_lens.judges.offline`."""
+
+    learns_from_rollouts = True  # ``fit`` on the run's own pos/neg rollouts sharpens it
+
+    def __init__(self, spec: str, embedder: str) -> None:
+        self.spec = spec
+        self.core = OfflineJudge(embedder, spec)
+
+    def score_trait(self, trait: TraitDefinition, items: Sequence[JudgeItem]) -> list[JudgeScore]:
+        probs = self.core.trait_probabilities(trait, [i.answer for i in items])
+        return [JudgeScore(100.0 * p) for p in probs]
+
+    def score_coherence(
+        self, items: Sequence[JudgeItem], trait: TraitDefinition | None = None
+    ) -> list[JudgeScore]:
+        return [JudgeScore(self.core.coherence(i.question, i.answer)) for i in items]
+
+    def fit(
+        self,
+        trait: TraitDefinition,
+        positives: Sequence[JudgeItem],
+        negatives: Sequence[JudgeItem],
+    ) -> None:
+        self.core.fit(trait, [i.answer for i in positives], [i.answer for i in negatives])
+
+    def check(self) -> None:
+        try:
+            _ = self.core.embedder
+        except Exception as exc:
+            raise JudgeUnavailableError(f"offline judge: {exc}") from exc

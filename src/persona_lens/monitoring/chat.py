@@ -5,7 +5,7 @@ the active steering, monitors and guards, and one :class:`Turn` record per reply
 response-average and last-prompt-token projection of every monitored trait: monitoring across a
 multi-turn conversation, one projection per turn, so drift is visible. ``send(text)`` answers a
 message; ``command(line)`` runs a ``/command`` and returns a one-line message, raising a
-:class:`~persona_lens.errors.PersonaLensError` for a bad one (the session stays usable).
+:class:`~persona_lens.core.errors.PersonaLensError` for a bad one (the session stays usable).
 
 Meter level: a projection means little on its own (the residual stream has an offset), so each
 monitored trait gets a baseline, the response-average projection of a fixed neutral exchange,
@@ -26,15 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from persona_lens.architecture import BlockLayout, find_blocks
-from persona_lens.capture import Monitor, capture_forward
-from persona_lens.errors import InputError, LayerError
-from persona_lens.files import atomic_write_text
-from persona_lens.generation import Message, render_chat
-from persona_lens.guard import GuardEvent, GuardSpec, generate_guarded, resolve_guards
-from persona_lens.prompts_io import json_safe, parse_layers
-from persona_lens.steering import SteeringSpec, compile_specs
-from persona_lens.vectors import PersonaVector, check_layer
+from persona_lens.core.architecture import BlockLayout, find_blocks
+from persona_lens.core.capture import Monitor, capture_forward
+from persona_lens.core.errors import InputError, LayerError
+from persona_lens.core.files import atomic_write_text
+from persona_lens.core.generation import Message, render_chat
+from persona_lens.core.steering import SteeringSpec, compile_specs
+from persona_lens.core.vectors import PersonaVector, check_layer
+from persona_lens.interop.prompts_io import json_safe, parse_layers
+from persona_lens.monitoring.guard import GuardEvent, GuardSpec, generate_guarded, resolve_guards
 
 NEUTRAL_EXCHANGE = ("What is the capital of France?", "The capital of France is Paris.")
 """The exchange whose reply sets each monitored trait's meter baseline."""
@@ -135,8 +135,8 @@ class ChatSession:
 
     @classmethod
     def from_loaded(cls, loaded: Any, **kwargs: Any) -> ChatSession:
-        """A session on a :class:`~persona_lens.models.LoadedModel` (fingerprint checked)."""
-        from persona_lens.models import model_fingerprint
+        """A session on a :class:`~persona_lens.core.models.LoadedModel` (fingerprint checked)."""
+        from persona_lens.core.models import model_fingerprint
 
         kwargs.setdefault("fingerprint", model_fingerprint(loaded.model, loaded.tokenizer))
         kwargs.setdefault("model_spec", loaded.spec)

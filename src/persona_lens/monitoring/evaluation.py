@@ -17,17 +17,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from persona_lens.errors import InputError
-from persona_lens.files import atomic_write, atomic_write_text
-from persona_lens.generation import PromptLike, generate
-from persona_lens.steering import SteeringSpec
-from persona_lens.traits import TraitDefinition
+from persona_lens.core.errors import InputError
+from persona_lens.core.files import atomic_write, atomic_write_text
+from persona_lens.core.generation import PromptLike, generate
+from persona_lens.core.steering import SteeringSpec
+from persona_lens.traits.definitions import TraitDefinition
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from persona_lens.architecture import BlockLayout
-    from persona_lens.judges import Judge, JudgeItem, JudgeScore
+    from persona_lens.core.architecture import BlockLayout
+    from persona_lens.judges.base import Judge, JudgeItem, JudgeScore
 
 Advance = Callable[[int], None]
 FIT_QUESTIONS = 6
@@ -188,7 +188,7 @@ def fit_judge(
 ) -> None:
     """Fit a learning judge on answers to ``questions`` given under the trait's pos and neg
     instructions (answers pair with questions in order)."""
-    from persona_lens.judges import JudgeItem
+    from persona_lens.judges.base import JudgeItem
 
     judge.fit(
         trait,
@@ -276,7 +276,7 @@ def run_conditions(
         layout=layout,
         progress=progress,
     )
-    from persona_lens.judges import JudgeItem
+    from persona_lens.judges.base import JudgeItem
 
     items = [JudgeItem(q, g.response) for q, g in zip(prompts, generations, strict=True)]
     scores = judge_items(judge, trait, items)
@@ -482,7 +482,7 @@ def write_eval(report: EvalReport, out: Path) -> list[Path]:
     """Write ``out`` (JSON), ``<stem>.md`` and, with a sweep, ``<stem>.sweep.png``."""
     import json
 
-    from persona_lens.prompts_io import json_safe
+    from persona_lens.interop.prompts_io import json_safe
 
     if out.is_dir():
         raise InputError(f"--out {out} is a directory; give a .json file")

@@ -22,25 +22,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from persona_lens.capture import Monitor
-from persona_lens.errors import InputError, LayerError
-from persona_lens.evaluation import (
+from persona_lens.core.capture import Monitor
+from persona_lens.core.errors import InputError, LayerError
+from persona_lens.core.files import atomic_write, atomic_write_text
+from persona_lens.core.generation import Message, PromptLike, generate
+from persona_lens.core.vectors import PersonaVector, check_layer
+from persona_lens.monitoring.evaluation import (
     FIT_QUESTIONS,
     contrast_answers,
     fit_judge,
     judge_items,
     judge_learns,
 )
-from persona_lens.files import atomic_write, atomic_write_text
-from persona_lens.generation import Message, PromptLike, generate
-from persona_lens.traits import TraitDefinition
-from persona_lens.vectors import PersonaVector, check_layer
+from persona_lens.traits.definitions import TraitDefinition
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from persona_lens.architecture import BlockLayout
-    from persona_lens.judges import Judge
+    from persona_lens.core.architecture import BlockLayout
+    from persona_lens.judges.base import Judge
 
 Progress = Callable[[str, int, int], None]
 LADDER = "ladder"
@@ -408,7 +408,7 @@ def run_experiment(
     )
 
     # 3. judge, then one point per prompt (samples averaged)
-    from persona_lens.judges import JudgeItem
+    from persona_lens.judges.base import JudgeItem
 
     items = [JudgeItem(keys[i][3], g.response) for i, g in zip(rows, generations, strict=True)]
     if progress:
@@ -437,7 +437,7 @@ def run_experiment(
 
 def write_experiment(result: ExperimentResult, out_dir: Path) -> list[Path]:
     """Write ``monitoring.json``, ``monitoring.md`` and ``monitoring.png`` into ``out_dir``."""
-    from persona_lens.prompts_io import json_safe
+    from persona_lens.interop.prompts_io import json_safe
 
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {out_dir} is a file; give a folder")

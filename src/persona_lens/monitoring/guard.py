@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from persona_lens.architecture import BlockLayout, block_hidden, find_blocks, with_block_hidden
-from persona_lens.errors import InputError, LayerError
-from persona_lens.generation import (
+from persona_lens.core.architecture import BlockLayout, block_hidden, find_blocks, with_block_hidden
+from persona_lens.core.errors import InputError, LayerError
+from persona_lens.core.generation import (
     Generation,
     PromptLike,
     eos_token_ids,
@@ -39,9 +39,9 @@ from persona_lens.generation import (
     render_chat,
     to_messages,
 )
-from persona_lens.positions import read_forward_inputs
-from persona_lens.steering import SteeringSpec
-from persona_lens.vectors import PersonaVector, check_layer
+from persona_lens.core.positions import read_forward_inputs
+from persona_lens.core.steering import SteeringSpec
+from persona_lens.core.vectors import PersonaVector, check_layer
 
 Policy = Literal["steer", "regenerate"]
 POLICIES: tuple[str, ...] = ("steer", "regenerate")
@@ -374,7 +374,7 @@ def generate_guarded(
     steering: Iterable[SteeringSpec] = (),
     **generate_kwargs: Any,
 ) -> list[GuardedGeneration]:
-    """:func:`~persona_lens.generation.generate` with guards watching every reply.
+    """:func:`~persona_lens.core.generation.generate` with guards watching every reply.
 
     Returns one :class:`GuardedGeneration` per prompt, in order, with the events of that prompt.
     ``generate_kwargs`` go to ``generate`` (``max_new_tokens``, ``batch_size``, ``monitors``,

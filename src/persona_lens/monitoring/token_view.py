@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from persona_lens.errors import InputError
-from persona_lens.files import atomic_write_text
+from persona_lens.core.errors import InputError
+from persona_lens.core.files import atomic_write_text
 
 NEGATIVE = (33, 102, 172)  # blue
 POSITIVE = (178, 24, 43)  # red

@@ -1,7 +1,7 @@
 """Trait definitions: contrastive system prompts, questions and a judge rubric.
 
-A definition is a JSON file validated against ``traits/schema.json``. The built-in library
-(``traits/<name>.json``) holds the paper's seven traits in our own words; users pass a file
+A definition is a JSON file validated against ``traits/library/schema.json``. The built-in library
+(``traits/library/<name>.json``) holds the paper's seven traits in our own words; users pass a file
 path, or a directory through ``PERSONA_LENS_TRAITS`` / ``search_dirs``.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 
 import jsonschema
 
-from persona_lens.errors import InputError
+from persona_lens.core.errors import InputError
 
-_BUILTIN = resources.files("persona_lens") / "traits"
+_BUILTIN = resources.files("persona_lens.traits") / "library"
 
 
 @dataclass(frozen=True)

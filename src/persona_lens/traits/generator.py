@@ -1,11 +1,11 @@
 """Write a new trait definition from a name and a one-line description.
 
 ``generate_trait(name, description, spec)`` with ``spec`` one of ``offline`` (templates, no
-network), ``openai:MODEL``, ``anthropic:MODEL`` or ``hf:MODEL_SPEC`` (same environment
-variables as the judges). LLM backends get a meta-prompt asking for JSON; the answer is
-validated with :func:`persona_lens.traits.parse_trait`, and a malformed one is asked for again
-(up to three attempts) with the validation error fed back. The name, description and version
-are always ours, not the model's.
+network), ``openai:MODEL``, ``anthropic:MODEL`` or ``hf:MODEL_SPEC`` (same environment variables
+as the judges). LLM backends get a meta-prompt asking for JSON; the answer is validated with
+:func:`persona_lens.traits.definitions.parse_trait`, and a malformed one is asked for again (up
+to three attempts) with the validation error fed back. The name, description and version are
+always ours, not the model's.
 
 The result's ``source`` says where it came from: ``generated:offline``,
 ``generated:openai:MODEL`` and so on (``source`` is not part of the JSON file; callers that
@@ -20,9 +20,9 @@ import random
 import re
 from typing import Any
 
-from persona_lens.errors import InputError, PersonaLensError
-from persona_lens.llm_http import AnthropicClient, BackendUnavailableError, OpenAIClient
-from persona_lens.traits import TraitDefinition, parse_trait
+from persona_lens.core.errors import InputError, PersonaLensError
+from persona_lens.interop.llm_http import AnthropicClient, BackendUnavailableError, OpenAIClient
+from persona_lens.traits.definitions import TraitDefinition, parse_trait
 
 MAX_ATTEMPTS = 3
 GENERATOR_KINDS = ("offline", "openai", "anthropic", "hf")
@@ -260,8 +260,8 @@ def parse_definition(text: str, name: str, description: str, source: str) -> Tra
 
 
 def _hf_completer(model_spec: str) -> Any:
-    from persona_lens.generation import generate
-    from persona_lens.models import load_model
+    from persona_lens.core.generation import generate
+    from persona_lens.core.models import load_model
 
     try:
         loaded = load_model(model_spec)
