@@ -1,9 +1,12 @@
-"""Fake judges for evaluation and monitoring-experiment tests (no model, no network)."""
+"""Test doubles for evaluation and monitoring-experiment tests: fake judges (no model, no
+network) and a spy on the real ``generate``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from persona_lens.core.generation import generate
 from persona_lens.judges.base import JudgeItem, JudgeScore
 from persona_lens.traits.definitions import TraitDefinition
 
@@ -58,3 +61,14 @@ def hello_share(answer: str) -> float:
     """Share of 'hello' among the words, 0-100: a trait score that tiny models can vary."""
     words = answer.split()
     return 100.0 * sum(w == "hello" for w in words) / len(words) if words else 0.0
+
+
+class GenerateSpy:
+    """Wraps the real generate and records every call's prompts and keyword arguments."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, model: Any, tokenizer: Any, prompts: Any, **kwargs: Any) -> Any:
+        self.calls.append({"prompts": list(prompts), **kwargs})
+        return generate(model, tokenizer, prompts, **kwargs)

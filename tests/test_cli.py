@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from persona_lens.cli import app
+from tests.cli_run import persona
 from tests.tiny import tiny_model_dir
 
 runner = CliRunner()
@@ -35,14 +37,7 @@ def test_info_bad_block_path(tiny_dir: Path) -> None:
 
 
 def _persona(*args: str) -> subprocess.CompletedProcess[str]:
-    code = "from persona_lens.cli import main; main()"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
+    return persona(*args, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
 
 
 @pytest.mark.parametrize(
@@ -76,3 +71,17 @@ def test_demo_runs(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1] == str(out)
     assert out.is_file()
+
+
+def test_help_uses_conventional_metavars() -> None:
+    """TEXT/INTEGER/PATH as click prints them, nothing after a flag; never <str> or <bool>."""
+    commands = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    assert {"generate", "extract", "chat"} <= set(commands)
+    for command in commands:
+        result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, command
+        for bad in ("<bool>", "<str>", "<int", "<float", "<path>", "list["):
+            assert bad not in result.output, (command, bad)
+    generate_help = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "200"}).output
+    assert re.search(r"--max-new-tokens\s+INTEGER", generate_help)
+    assert re.search(r"--token-projections\s+Add per-token", generate_help)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from persona_lens.core.errors import (
 )
 from persona_lens.core.models import LoadedModel, load_model, model_fingerprint
 from persona_lens.core.vectors import PersonaVector
+from tests.cli_run import persona
 from tests.tiny import HIDDEN_SIZE, tiny_model_dir
 
 L = 4
@@ -238,20 +237,13 @@ def test_bad_input_raises_user_errors_and_writes_nothing(
 
 def test_subprocess_bad_input_is_one_line_exit_2(env: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "p.jsonl").write_text('{"prompt": "hello"}\n')
-    runner = "from persona_lens.cli import main; main()"
     cases = [
         ["generate", "-p", "p.jsonl", "--steer", "h.safetensors:abc", "-o", "out.jsonl"],
         ["generate", "-p", "p.jsonl", "--steer", "h.safetensors:1", "-o", "out.jsonl"],
         ["monitor", "-p", "p.jsonl", "-v", "h.safetensors", "-o", "out.jsonl"],
     ]
     for args in cases:
-        proc = subprocess.run(
-            [sys.executable, "-c", runner, *args],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        proc = persona(*args, cwd=tmp_path, timeout=120)
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2, proc.stderr
         assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr

@@ -14,10 +14,10 @@ import torch
 from typer.testing import CliRunner
 
 from persona_lens.cli import app
-from persona_lens.core.architecture import BlockLayout, find_blocks
+from persona_lens.core.architecture import BlockLayout
 from persona_lens.core.errors import InputError
 from persona_lens.core.generation import generate
-from persona_lens.core.models import LoadedModel, load_model, model_fingerprint
+from persona_lens.core.models import LoadedModel
 from persona_lens.core.steering import SteeringSpec
 from persona_lens.core.vectors import PersonaVector
 from persona_lens.monitoring import evaluation
@@ -30,46 +30,27 @@ from persona_lens.monitoring.evaluation import (
     write_eval,
 )
 from persona_lens.traits.definitions import TraitDefinition, load_trait
+from tests.cli_run import assert_one_line_error, persona
 from tests.crude_vector import crude_vector
-from tests.fake_judge import FakeJudge, LearningJudge, hello_share
-from tests.tiny import tiny_model_dir
+from tests.fake_judge import FakeJudge, GenerateSpy, LearningJudge, hello_share
+from tests.tiny import load_tiny, random_trait_vector
 
 L = 4
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[LoadedModel, BlockLayout, Path]:
-    model_dir = tiny_model_dir(tmp_path_factory.mktemp("eval") / "model", seed=3, num_layers=L)
-    loaded = load_model(str(model_dir))
-    return loaded, find_blocks(loaded.model), model_dir
+    return load_tiny(tmp_path_factory.mktemp("eval") / "model", seed=3, num_layers=L)
 
 
 @pytest.fixture(scope="module")
 def vector(tiny: tuple[LoadedModel, BlockLayout, Path]) -> PersonaVector:
-    loaded, layout, model_dir = tiny
-    rows = torch.randn(L + 1, layout.hidden_size, generator=torch.Generator().manual_seed(1))
-    meta = {
-        "best_layer": "2",
-        "model": str(model_dir),
-        "model_fingerprint": model_fingerprint(loaded.model, loaded.tokenizer),
-    }
-    return PersonaVector(8 * rows, "humorous", meta)
+    return random_trait_vector(tiny, "humorous", seed=1, best_layer=2, scale=8.0)
 
 
 @pytest.fixture(scope="module")
 def trait() -> TraitDefinition:
     return load_trait("humorous")
-
-
-class GenerateSpy:
-    """Wraps the real generate and records every call's prompts and steering specs."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict[str, Any]] = []
-
-    def __call__(self, model: Any, tokenizer: Any, prompts: Any, **kwargs: Any) -> Any:
-        self.calls.append({"prompts": list(prompts), **kwargs})
-        return generate(model, tokenizer, prompts, **kwargs)
 
 
 def test_sweep_is_one_generate_call_with_per_prompt_coefficients(
@@ -319,29 +300,9 @@ def test_cli_eval_bad_input_raises_user_errors_and_writes_nothing(
 
 
 def test_cli_eval_error_is_one_line_exit_2(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     out = tmp_path / "eval.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from persona_lens.cli import main; main()",
-            "eval",
-            "--trait",
-            "humorous",
-            "--judge",
-            "none",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2 and "needs a judge" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+    proc = persona("eval", "--trait", "humorous", "--judge", "none", "--out", str(out))
+    assert_one_line_error(proc, "needs a judge", out)
 
 
 # --- embedded model ---------------------------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -14,11 +13,11 @@ import torch
 from typer.testing import CliRunner
 
 from persona_lens.cli import app
-from persona_lens.core.architecture import BlockLayout, find_blocks
+from persona_lens.core.architecture import BlockLayout
 from persona_lens.core.capture import Monitor, capture_forward
 from persona_lens.core.errors import InputError, LayerError
-from persona_lens.core.generation import generate, render_chat
-from persona_lens.core.models import LoadedModel, load_model, model_fingerprint
+from persona_lens.core.generation import render_chat
+from persona_lens.core.models import LoadedModel
 from persona_lens.core.vectors import PersonaVector
 from persona_lens.monitoring import experiment as mx
 from persona_lens.monitoring.experiment import (
@@ -32,30 +31,22 @@ from persona_lens.monitoring.experiment import (
     write_experiment,
 )
 from persona_lens.traits.definitions import TraitDefinition, load_trait
+from tests.cli_run import assert_one_line_error, persona
 from tests.crude_vector import crude_vector
-from tests.fake_judge import FakeJudge, LearningJudge, hello_share
-from tests.tiny import tiny_model_dir
+from tests.fake_judge import FakeJudge, GenerateSpy, LearningJudge, hello_share
+from tests.tiny import load_tiny, random_trait_vector
 
 L = 4
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[LoadedModel, BlockLayout, Path]:
-    model_dir = tiny_model_dir(tmp_path_factory.mktemp("mx") / "model", seed=4, num_layers=L)
-    loaded = load_model(str(model_dir))
-    return loaded, find_blocks(loaded.model), model_dir
+    return load_tiny(tmp_path_factory.mktemp("mx") / "model", seed=4, num_layers=L)
 
 
 @pytest.fixture(scope="module")
 def vector(tiny: tuple[LoadedModel, BlockLayout, Path]) -> PersonaVector:
-    loaded, layout, model_dir = tiny
-    rows = torch.randn(L + 1, layout.hidden_size, generator=torch.Generator().manual_seed(2))
-    meta = {
-        "best_layer": "3",
-        "model": str(model_dir),
-        "model_fingerprint": model_fingerprint(loaded.model, loaded.tokenizer),
-    }
-    return PersonaVector(rows, "humorous", meta)
+    return random_trait_vector(tiny, "humorous", seed=2, best_layer=3)
 
 
 @pytest.fixture(scope="module")
@@ -137,15 +128,6 @@ def test_settings_are_checked(trait: TraitDefinition) -> None:
 
 
 # --- the run ----------------------------------------------------------------------------------
-class GenerateSpy:
-    def __init__(self) -> None:
-        self.calls: list[dict[str, Any]] = []
-
-    def __call__(self, model: Any, tokenizer: Any, prompts: Any, **kwargs: Any) -> Any:
-        self.calls.append({"prompts": list(prompts), **kwargs})
-        return generate(model, tokenizer, prompts, **kwargs)
-
-
 def test_experiment_projects_last_prompt_token_in_one_call(
     tiny: tuple[LoadedModel, BlockLayout, Path],
     vector: PersonaVector,
@@ -318,27 +300,10 @@ def test_cli_experiment_bad_input(vector: PersonaVector, tmp_path: Path) -> None
 
 
 def test_cli_experiment_error_is_one_line_exit_2(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from persona_lens.cli import main; main()",
-            "monitor-experiment",
-            "--vector",
-            str(tmp_path / "none.safetensors"),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2 and "no vector file" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+    missing = str(tmp_path / "none.safetensors")
+    proc = persona("monitor-experiment", "--vector", missing, "--out", str(out))
+    assert_one_line_error(proc, "no vector file", out)
 
 
 # --- embedded model ---------------------------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 from persona_lens.core.errors import InputError
 from persona_lens.monitoring.token_view import colour, render_token_html, write_token_views
+from tests.cli_run import persona
 
 
 class Page(HTMLParser):
@@ -139,10 +139,7 @@ def test_mismatched_lengths_do_not_crash() -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    code = "from persona_lens.cli import main; main()"
-    return subprocess.run(
-        [sys.executable, "-c", code, "view", *args], capture_output=True, text=True, timeout=120
-    )
+    return persona("view", *args, timeout=120)
 
 
 def test_cli_view(tmp_path: Path) -> None:

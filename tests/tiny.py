@@ -13,6 +13,10 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from persona_lens.core.architecture import BlockLayout
+from persona_lens.core.models import LoadedModel, load_model, model_fingerprint
+from persona_lens.core.vectors import PersonaVector
+
 WORDS = ["<unk>", "<s>", "</s>", "user", "assistant", "hello", "world", ":"]
 TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} </s> {% endfor %}"
@@ -52,3 +56,31 @@ def tiny_model_dir(path: Path, seed: int, num_layers: int = 2) -> Path:
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def load_tiny(path: Path, seed: int, num_layers: int = 2) -> tuple[LoadedModel, BlockLayout, Path]:
+    """Save a tiny Llama to ``path`` and load it back as a user would (``--model DIR``)."""
+    model_dir = tiny_model_dir(path, seed=seed, num_layers=num_layers)
+    loaded = load_model(str(model_dir))
+    return loaded, loaded.layout, model_dir
+
+
+def random_trait_vector(
+    tiny: tuple[LoadedModel, BlockLayout, Path],
+    trait: str,
+    *,
+    seed: int,
+    best_layer: int,
+    scale: float = 1.0,
+) -> PersonaVector:
+    """A random vector for the tiny model, with the metadata of an extracted one."""
+    loaded, layout, model_dir = tiny
+    rows = torch.randn(
+        layout.num_layers + 1, layout.hidden_size, generator=torch.Generator().manual_seed(seed)
+    )
+    meta = {
+        "best_layer": str(best_layer),
+        "model": str(model_dir),
+        "model_fingerprint": model_fingerprint(loaded.model, loaded.tokenizer),
+    }
+    return PersonaVector(scale * rows, trait, meta)

@@ -18,10 +18,9 @@ from platformdirs import user_cache_dir
 from rich.console import Console
 from rich.table import Table
 
-from persona_lens.core.architecture import find_blocks
 from persona_lens.core.capture import Monitor
 from persona_lens.core.generation import generate
-from persona_lens.core.models import load_model, model_fingerprint
+from persona_lens.core.models import load_model
 from persona_lens.core.steering import SteeringSpec
 from persona_lens.core.vectors import PersonaVector
 from persona_lens.traits.definitions import load_trait
@@ -40,7 +39,7 @@ def run_demo(
     started = time.perf_counter()
     with console.status(f"loading {model_spec} ..."):
         loaded = load_model(model_spec)
-    layout = find_blocks(loaded.model)
+    layout = loaded.layout
     info = layout.describe()
     console.print(
         f"[bold]{model_spec}[/bold]: {info['family']}, {info['num_layers']} blocks at "
@@ -80,7 +79,7 @@ def run_demo(
         {
             "description": trait.description,
             "model": model_spec,
-            "model_fingerprint": model_fingerprint(loaded.model, loaded.tokenizer),
+            "model_fingerprint": loaded.fingerprint,
             "method": "mean_diff/response_avg",
             "best_layer": str(layer),
             "num_pos": str(n),

@@ -2,12 +2,47 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import functools
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer import _click as click
+from typer.core import TyperGroup
+
+_TYPE_NAMES = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "path": "PATH", "file": "FILE"}
+
+
+def plain_metavar(param: Any, ctx: click.Context) -> str:
+    """The conventional metavar for a Typer parameter: none for a flag, ``[a|b]`` for a
+    choice, else ``TEXT``/``INTEGER``/``FLOAT``/``PATH`` (a list option repeats, so it shows
+    its element type)."""
+    if getattr(param, "is_flag", False):
+        return ""
+    label = param.display_type(ctx).strip("<>")
+    if label.startswith("list[") and label.endswith("]"):
+        label = label[5:-1]
+    label = label.removesuffix(" range")
+    if "|" in label:
+        return f"[{label}]"
+    return _TYPE_NAMES.get(label, label.upper())
+
+
+class PlainMetavarGroup(TyperGroup):
+    """Typer's group, with help that prints ``TEXT``/``INTEGER`` (or nothing for a flag)
+    instead of ``<str>``/``<int range>``/``<bool>``."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            for param in command.get_params(ctx):
+                if getattr(param, "metavar", None) is None and hasattr(param, "display_type"):
+                    param.display_type_rich = functools.partial(plain_metavar, param)  # type: ignore[attr-defined]
+        return command
+
 
 app = typer.Typer(
+    cls=PlainMetavarGroup,
     name="persona",
     help="Persona vectors: extract, monitor and steer character traits in language models.",
     no_args_is_help=True,

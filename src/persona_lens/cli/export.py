@@ -107,13 +107,11 @@ def import_(
     if model is None:
         vector = import_gguf(control_vector, trait=trait)
     else:
-        from persona_lens.core.architecture import find_blocks
-        from persona_lens.core.models import load_model, model_fingerprint
+        from persona_lens.core.models import load_model
 
         with console.status(f"loading {model} ..."):
             lm = load_model(model)
-        layout = find_blocks(lm.model)
-        fingerprint = model_fingerprint(lm.model, lm.tokenizer)
+        layout, fingerprint = lm.layout, lm.fingerprint
         vector = import_gguf(
             control_vector,
             num_layers=layout.num_layers,

@@ -85,13 +85,11 @@ def load_checked_model(
     spec: str, vectors: dict[Path, PersonaVector]
 ) -> tuple[LoadedModel, BlockLayout]:
     """Load the model and refuse vectors made for another one (VectorMismatchError)."""
-    from persona_lens.core.architecture import find_blocks
-    from persona_lens.core.models import load_model, model_fingerprint
+    from persona_lens.core.models import load_model
 
     with console.status(f"loading {spec} ..."):
         loaded = load_model(spec)
-    layout = find_blocks(loaded.model)
-    fingerprint = model_fingerprint(loaded.model, loaded.tokenizer)
+    layout, fingerprint = loaded.layout, loaded.fingerprint
     for path, vector in vectors.items():
         try:
             vector.check_compatible(layout.num_layers, layout.hidden_size, fingerprint)

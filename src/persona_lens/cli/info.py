@@ -26,12 +26,12 @@ def info(
       persona info\n
       persona info ./my-model --json
     """
-    from persona_lens.core.architecture import find_blocks
     from persona_lens.core.models import load_model
 
     with console.status(f"loading {model} ..."):
         loaded = load_model(model)
-    layout = find_blocks(loaded.model, block_path)
+    loaded.block_path = block_path
+    layout = loaded.layout
     summary = {
         "model": model,
         **layout.describe(),

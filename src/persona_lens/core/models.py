@@ -7,6 +7,7 @@ tokenizer with its chat template) under :func:`cache_root`; later loads read the
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -28,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from persona_lens.core.architecture import BlockLayout, find_blocks
 from persona_lens.core.errors import InputError, ModelSpecError
 
 EMBEDDED = "embedded"
@@ -64,13 +66,28 @@ _MiB = 1 << 20
 
 @dataclass
 class LoadedModel:
-    """A causal LM, its prepared tokenizer, and where and how it was loaded."""
+    """A causal LM, its prepared tokenizer, its block layout, and where and how it was loaded.
+
+    Discover once, pass once: the pipeline hands this one object down, so blocks are found a
+    single time per loaded model (``block_path`` overrides the structural discovery).
+    """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     spec: str
     device: torch.device
     dtype: torch.dtype
+    block_path: str | None = None
+
+    @functools.cached_property
+    def layout(self) -> BlockLayout:
+        """Where the residual blocks are and what kind each is (found on first use)."""
+        return find_blocks(self.model, self.block_path)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """:func:`model_fingerprint` of this model and tokenizer (computed on first use)."""
+        return model_fingerprint(self.model, self.tokenizer)
 
     @property
     def name(self) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from persona_lens.core.architecture import BlockLayout, find_blocks
+from persona_lens.core.architecture import BlockLayout
 from persona_lens.core.capture import capture_sequences
 from persona_lens.core.errors import InputError, PersonaLensError
 from persona_lens.core.generation import (
@@ -247,7 +247,7 @@ def load_backend(
     **options: Any,
 ) -> GenerationBackend:
     """The backend called ``name`` (one of :data:`BACKENDS`) for ``loaded``."""
-    layout = layout or find_blocks(loaded.model)
+    layout = layout or loaded.layout
     if name == "hf":
         return HFBackend(loaded, layout)
     if name == "vllm":

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from persona_lens.core.architecture import BlockLayout, find_blocks
+from persona_lens.core.architecture import BlockLayout
 from persona_lens.core.errors import PersonaLensError
 from persona_lens.core.generation import generate
-from persona_lens.core.models import LoadedModel, model_fingerprint
+from persona_lens.core.models import LoadedModel
 from persona_lens.core.steering import SteeringSpec
 from persona_lens.core.vectors import PersonaVector
 from persona_lens.core.version import __version__
@@ -70,6 +70,9 @@ BUDGETS: dict[str, Budget] = {
 
 @dataclass(frozen=True)
 class ExtractionOptions:
+    """How to extract: budget (counts only), judge spec, seed, sampling and filter thresholds,
+    and the generation backend that samples the rollouts."""
+
     budget: str = "quick"
     judge: str = "offline"
     seed: int = 0
@@ -95,6 +98,9 @@ class ScoredRollout:
 
 @dataclass
 class ExtractionResult:
+    """The vector with every judged rollout, the held-out separation per layer, the steering
+    sweep (when judged), why the layer was chosen, and stage timings."""
+
     vector: PersonaVector
     rollouts: list[ScoredRollout]
     separation: torch.Tensor  # [L+1] held-out separation (Cohen's d)
@@ -125,9 +131,8 @@ def extract(
     if options.budget not in BUDGETS:
         raise ExtractionError(f"unknown budget {options.budget!r}; choose {sorted(BUDGETS)}")
     budget = BUDGETS[options.budget]
-    model, tokenizer = loaded.model, loaded.tokenizer
-    layout = find_blocks(model)
-    fingerprint = model_fingerprint(model, tokenizer)
+    layout = loaded.layout
+    fingerprint = loaded.fingerprint
     judge = None if options.judge == "none" else load_judge(options.judge, check=True)
     timings: dict[str, float] = {}
     settings = RolloutSettings(

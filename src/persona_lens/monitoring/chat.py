@@ -136,10 +136,9 @@ class ChatSession:
     @classmethod
     def from_loaded(cls, loaded: Any, **kwargs: Any) -> ChatSession:
         """A session on a :class:`~persona_lens.core.models.LoadedModel` (fingerprint checked)."""
-        from persona_lens.core.models import model_fingerprint
-
-        kwargs.setdefault("fingerprint", model_fingerprint(loaded.model, loaded.tokenizer))
+        kwargs.setdefault("fingerprint", loaded.fingerprint)
         kwargs.setdefault("model_spec", loaded.spec)
+        kwargs.setdefault("layout", loaded.layout)
         return cls(loaded.model, loaded.tokenizer, **kwargs)
 
     # --- vectors ------------------------------------------------------------------------

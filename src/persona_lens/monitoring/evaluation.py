@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from persona_lens.core.errors import InputError
 from persona_lens.core.files import atomic_write, atomic_write_text
@@ -126,21 +126,32 @@ def judge_items(
     return list(zip(trait_scores, coherence, strict=True))
 
 
+class Sampling(Protocol):
+    """How answers are sampled: what EvalSettings and ExperimentSettings both carry."""
+
+    @property
+    def max_new_tokens(self) -> int: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+
+
 def contrast_answers(
     model: nn.Module,
     tokenizer: Any,
     layout: BlockLayout,
     trait: TraitDefinition,
     questions: Mapping[str, Sequence[str]],
+    sampling: Sampling,
     *,
     pair: int = 0,
-    max_new_tokens: int = 40,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 16,
 ) -> dict[str, list[str]]:
     """Answers under instruction pair ``pair``'s system prompts: ``questions`` maps a side
-    (``pos``/``neg``) to the questions to ask under it; one batched generate call. Used for
+    (``pos``/``neg``) to the questions to ask under it; one batched generate call, sampled as
+    ``sampling`` says with its seed + 1 (so they differ from the run's own answers). Used for
     many-shot examples and to fit a learning judge."""
     instruction = trait.instructions[pair % len(trait.instructions)]
     sides = [(side, list(qs)) for side, qs in questions.items() if qs]
@@ -155,11 +166,11 @@ def contrast_answers(
         model,
         tokenizer,
         prompts,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else 1.0,
-        seed=seed,
+        max_new_tokens=sampling.max_new_tokens,
+        batch_size=sampling.batch_size,
+        do_sample=sampling.temperature > 0,
+        temperature=sampling.temperature if sampling.temperature > 0 else 1.0,
+        seed=sampling.seed + 1,
         layout=layout,
     )
     answers: dict[str, list[str]] = {side: [] for side in questions}
@@ -213,15 +224,7 @@ def calibrate_judge(
         return
     chosen = list(trait.extraction_questions[:questions])
     answers = contrast_answers(
-        model,
-        tokenizer,
-        layout,
-        trait,
-        {"pos": chosen, "neg": chosen},
-        max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature,
-        seed=settings.seed + 1,
-        batch_size=settings.batch_size,
+        model, tokenizer, layout, trait, {"pos": chosen, "neg": chosen}, settings
     )
     fit_judge(judge, trait, chosen, answers["pos"], answers["neg"])
 

@@ -355,15 +355,7 @@ def run_experiment(
     if progress:
         progress("examples", 0, 1)
     answers = contrast_answers(
-        model,
-        tokenizer,
-        layout,
-        trait,
-        {"pos": shot_questions, "neg": fit},
-        max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature,
-        seed=settings.seed + 1,
-        batch_size=settings.batch_size,
+        model, tokenizer, layout, trait, {"pos": shot_questions, "neg": fit}, settings
     )
     if progress:
         progress("examples", 1, 1)

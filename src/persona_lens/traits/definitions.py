@@ -32,6 +32,9 @@ class InstructionPair:
 
 @dataclass(frozen=True)
 class TraitDefinition:
+    """A trait: contrastive system-prompt pairs, extraction and evaluation questions, and the
+    judge rubric that scores an answer for it (0-100)."""
+
     name: str
     description: str
     instructions: tuple[InstructionPair, ...]
