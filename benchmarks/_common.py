@@ -7,6 +7,7 @@ drift on a shared machine hits every configuration alike.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -161,6 +162,36 @@ def load_subject(spec: str, device: str, dtype: str) -> Subject:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     params = sum(p.numel() for p in model.parameters())
     return Subject(model, tokenizer, f"random Llama {preset}", dev, torch_dtype, params)
+
+
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every timing script shares: subject, repeats, threads, where to write."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="embedded", help="embedded | random:1b|thin30|tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1; 0 = torch's default). On a shared 2-core "
+        "machine 2 threads run up to 10x slower under load (spin-waiting)",
+    )
+    p.add_argument("--results", type=Path, default=RESULTS, help="markdown file to update")
+    p.add_argument("--section", default=None, help="section name (default from model/device)")
+    p.add_argument("--json", type=Path, default=None, help="also dump raw samples here")
+    p.add_argument("--no-write", action="store_true", help="print the section, write nothing")
+    return p
+
+
+def bench_subject(args: argparse.Namespace) -> Subject:
+    """Apply ``--threads`` and load the ``--model`` subject on ``--device``/``--dtype``."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    return load_subject(args.model, args.device, args.dtype)
 
 
 class FixedLengthGenerate:

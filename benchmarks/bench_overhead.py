@@ -31,21 +31,20 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from _common import (
     PROMPTS,
-    RESULTS,
     FixedLengthGenerate,
     Sample,
     Subject,
+    bench_parser,
+    bench_subject,
     command_line,
     fmt,
     hf_generate,
     interleaved,
-    load_subject,
     machine_lines,
     md_table,
     median,
@@ -72,32 +71,15 @@ CONFIGS_BY_PART = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="embedded", help="embedded | random:1b|thin30|tiny")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32")
+    p = bench_parser(__doc__)
     p.add_argument("--prompts", type=int, default=16, help="number of prompts (cycled)")
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds (short, see below)")
     p.add_argument("--warmup-tokens", type=int, default=8, help="tokens per warm-up run")
     p.add_argument(
         "--parts",
         default="a,b,c,d",
         help="comma list of a, b, c, d (d: host cost of the hooks per step, on a stub)",
     )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default 1; 0 = torch's default). On a shared 2-core "
-        "machine 2 threads run up to 10x slower under load (spin-waiting)",
-    )
-    p.add_argument("--results", type=Path, default=RESULTS, help="markdown file to update")
-    p.add_argument("--section", default=None, help="section name (default from model/device)")
-    p.add_argument("--json", type=Path, default=None, help="also dump raw samples here")
-    p.add_argument("--no-write", action="store_true", help="print the section, write nothing")
     return p.parse_args(argv)
 
 
@@ -450,8 +432,6 @@ def report(bench: Bench, samples: dict[str, list[Sample]], args: argparse.Namesp
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if not parts or any(p not in PARTS for p in parts):
         raise SystemExit(f"--parts takes a comma list of {PARTS}")
@@ -459,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     configs: list[str] = []
     for part in parts:
         configs += [c for c in CONFIGS_BY_PART[part] if c not in configs]
-    subject = load_subject(args.model, args.device, args.dtype)
+    subject = bench_subject(args)
     bench = Bench(subject, args)
     print(f"{subject.label} on {subject.device}: {configs}", file=sys.stderr)
     samples = bench.run(configs) if configs else {}

@@ -37,7 +37,6 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # repeng and steering-vectors draw progress bars
@@ -46,15 +45,15 @@ import numpy as np
 import torch
 from _common import (
     PROMPTS,
-    RESULTS,
     FixedLengthGenerate,
     Sample,
     Subject,
+    bench_parser,
+    bench_subject,
     command_line,
     fmt,
     hf_generate,
     interleaved,
-    load_subject,
     machine_lines,
     md_table,
     median,
@@ -80,25 +79,14 @@ from steering_vectors import SteeringVector, train_steering_vector
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="embedded", help="embedded | random:1b|thin30|tiny")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32")
+    p = bench_parser(__doc__)
     p.add_argument("--trait", default="evil", help="built-in trait giving the contrastive pairs")
     p.add_argument("--pairs", type=int, default=10, help="contrastive pairs")
     p.add_argument("--response-tokens", type=int, default=24, help="response length in pairs")
     p.add_argument("--prompts", type=int, default=16, help="prompts for steered generation")
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--coefficient", type=float, default=4.0)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--parts", default="1,2,3", help="comma list of 1 (steer), 2 (extract), 3")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch default)")
-    p.add_argument("--results", type=Path, default=RESULTS)
-    p.add_argument("--section", default=None)
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--no-write", action="store_true")
     return p.parse_args(argv)
 
 
@@ -452,10 +440,8 @@ def peak_memory(s: Subject, fn: Callable[[], Any]) -> float | None:
 # --- main ---------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    s = load_subject(args.model, args.device, args.dtype)
+    s = bench_subject(args)
     layout = find_blocks(s.model)
     n, bs = layout.num_layers, args.batch_size
     dtype = str(s.dtype).removeprefix("torch.")
