@@ -80,7 +80,8 @@ def test_same_seed_same_vector_and_cache_reuse(
     assert first.vector.vectors.shape == (5, 64)
     assert set(first.vector.variants) == {"prompt_avg", "prompt_last"}
     assert first.kept_counts == {"pos": 16, "neg": 16}
-    assert first.layer_criterion.startswith("held-out")
+    assert first.layer_criterion.startswith("steering sweep read by the model's own")
+    assert set(first.sweep) == set(candidate_layers(4, 3))
     assert first.vector.best_layer in candidate_layers(4, 3)
 
 
@@ -195,6 +196,44 @@ def test_judged_run_picks_layer_by_steering_sweep(
     assert result.sweep and set(result.sweep) == set(candidate_layers(4, 3))
     assert result.layer_criterion.startswith("steering sweep")
     assert result.vector.best_layer in result.sweep
+
+
+def test_sweep_counts_both_directions(
+    tiny: LoadedModel, trait: TraitDefinition, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chosen layer moves the judged trait most from -c to +c: a layer that scores highest
+    at +c but as high at -c (it raises the trait either way, or not at all) loses."""
+    layers = candidate_layers(4, 3)
+    questions = SMALL.eval_questions
+    # sweep rows: blocks of `questions` rows per (layer, sign), signs + then -
+    wanted = {layers[0]: (90.0, 85.0), layers[1]: (70.0, 20.0), layers[2]: (60.0, 50.0)}
+    sweep_scores = [
+        wanted[layer][sign] for layer in layers for sign in (0, 1) for _ in range(questions)
+    ]
+
+    class SweepJudge(FakeJudge):
+        def score_trait(
+            self, trait: TraitDefinition, items: Sequence[JudgeItem]
+        ) -> list[JudgeScore]:
+            if len(items) == len(sweep_scores):
+                return [JudgeScore(v) for v in sweep_scores]
+            return [JudgeScore(90.0 if i % 2 == 0 else 10.0) for i in range(len(items))]
+
+    monkeypatch.setattr(extract_module, "load_judge", lambda spec, **kw: SweepJudge())
+    options = ExtractionOptions(budget="small", judge="fake", batch_size=40)
+    result = extract(tiny, trait, options, cache_dir=tmp_path)
+    assert result.sweep[layers[0]].plus == 90.0 and result.sweep[layers[0]].minus == 85.0
+    assert result.vector.best_layer == layers[1]
+    assert "minus at -4" in result.layer_criterion
+
+
+def test_separation_rule_still_available(
+    tiny: LoadedModel, trait: TraitDefinition, tmp_path: Path
+) -> None:
+    result = _run(tiny, trait, tmp_path, layer_rule="separation")
+    assert result.layer_criterion.startswith("held-out") and not result.sweep
+    best = max(candidate_layers(4, 3), key=lambda k: float(result.separation[k]))
+    assert result.vector.best_layer == best
 
 
 def test_candidate_layers() -> None:

@@ -8,9 +8,10 @@ The paper's pipeline, step by step:
    trait > 50 and negatives with trait < 50, both coherent (>= 50);
 3. vector = per-layer mean of kept positive response averages minus the negative ones (also
    the prompt-average and last-prompt-token variants);
-4. pick the steering layer: with a judge, steer each candidate layer at a fixed coefficient on
-   the evaluation questions and take the highest judged trait score; without one, take the
-   layer whose held-out projections separate positives from negatives best;
+4. pick the steering layer: with a judge, steer each candidate layer at +c and -c on the
+   evaluation questions and take the layer whose judged trait score moves most between the
+   two (both directions coherent); without one, take the layer whose held-out projections
+   separate positives from negatives best;
 5. save the vector and a report beside it.
 
 Budgets change counts only, never the method.
@@ -27,9 +28,9 @@ from typing import Any
 
 import torch
 
-from persona_lens.core.architecture import BlockLayout
+from persona_lens.core.capture import capture_sequences
 from persona_lens.core.errors import PersonaLensError
-from persona_lens.core.generation import generate
+from persona_lens.core.generation import Generation, eos_token_ids, generate
 from persona_lens.core.models import LoadedModel
 from persona_lens.core.steering import SteeringSpec
 from persona_lens.core.vectors import PersonaVector
@@ -37,6 +38,7 @@ from persona_lens.core.version import __version__
 from persona_lens.extraction.backends import load_backend
 from persona_lens.extraction.rollouts import Rollout, RolloutSettings, run_rollouts
 from persona_lens.judges.base import Judge, JudgeItem, JudgeScore
+from persona_lens.judges.offline import coherence_score
 from persona_lens.judges.specs import load_judge
 from persona_lens.traits.definitions import TraitDefinition
 
@@ -81,6 +83,7 @@ class ExtractionOptions:
     min_coherence: float = 50.0
     threshold: float = 50.0
     steer_coefficient: float = 4.0
+    layer_rule: str = "sweep"  # sweep (steer +c/-c, judged or self-read) | separation
     backend: str = (
         "hf"  # who samples the rollouts: hf | vllm (see persona_lens.extraction.backends)
     )
@@ -96,6 +99,21 @@ class ScoredRollout:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class SweepPoint:
+    """One candidate layer of the steering sweep: mean judged trait score steered towards the
+    trait (+c) and away from it (-c), and the lower of the two mean coherences."""
+
+    plus: float
+    minus: float
+    coherence: float
+
+    @property
+    def effect(self) -> float:
+        """How far steering moves the judged trait from -c to +c."""
+        return self.plus - self.minus
+
+
 @dataclass
 class ExtractionResult:
     """The vector with every judged rollout, the held-out separation per layer, the steering
@@ -104,9 +122,10 @@ class ExtractionResult:
     vector: PersonaVector
     rollouts: list[ScoredRollout]
     separation: torch.Tensor  # [L+1] held-out separation (Cohen's d)
-    sweep: dict[int, tuple[float, float]]  # layer -> (trait score, coherence) when judged
+    sweep: dict[int, SweepPoint]  # layer -> judged steering at +c and -c, when judged
     layer_criterion: str
     timings: dict[str, float] = field(default_factory=dict)
+    candidates: list[int] = field(default_factory=list)  # the layers the choice compared
 
     @property
     def kept_counts(self) -> dict[str, int]:
@@ -180,19 +199,26 @@ def extract(
 
     started = time.perf_counter()
     candidates = candidate_layers(layout.num_layers, budget.candidate_layers)
-    sweep: dict[int, tuple[float, float]] = {}
-    if judge is not None:
-        sweep = steering_sweep(
-            loaded, layout, judge, trait, vectors["response_avg"], candidates, budget, options
-        )
-        usable = {k: v for k, v in sweep.items() if v[1] >= options.min_coherence} or sweep
-        best_layer = max(usable, key=lambda k: usable[k][0])
-        criterion = (
-            f"steering sweep judged by {options.judge} (coefficient {options.steer_coefficient})"
-        )
-    else:
+    sweep: dict[int, SweepPoint] = {}
+    if options.layer_rule == "separation":
         best_layer = max(candidates, key=lambda k: float(separation[k]))
-        criterion = "held-out projection separation (no judge)"
+        criterion = "held-out projection separation"
+    else:
+        if judge is not None:
+            scorer, reader = judge_scorer(judge, trait), f"judged by {options.judge}"
+        else:
+            scorer = projection_scorer(loaded, vectors["response_avg"], pos, neg, candidates)
+            reader = "read by the model's own projection on the vector (no judge)"
+        sweep = steering_sweep(
+            loaded, trait, vectors["response_avg"], candidates, budget, options, scorer
+        )
+        usable = {k: v for k, v in sweep.items() if v.coherence >= options.min_coherence} or sweep
+        best_layer = max(usable, key=lambda k: usable[k].effect)
+        c = options.steer_coefficient
+        criterion = (
+            f"steering sweep {reader}: largest trait score at +{c:g} minus at -{c:g}, "
+            f"both coherent (>= {options.min_coherence:g})"
+        )
     timings["layer_selection"] = time.perf_counter() - started
 
     vector = PersonaVector(
@@ -218,7 +244,7 @@ def extract(
         },
         {"prompt_avg": vectors["prompt_avg"], "prompt_last": vectors["prompt_last"]},
     )
-    return ExtractionResult(vector, scored, separation, sweep, criterion, timings)
+    return ExtractionResult(vector, scored, separation, sweep, criterion, timings, candidates)
 
 
 def score_rollouts(
@@ -349,25 +375,33 @@ def candidate_layers(num_layers: int, count: int) -> list[int]:
     return sorted({round(low + i * step) for i in range(count)})
 
 
+Scores = tuple[list[float | None], list[float | None]]
+Scorer = Callable[[Sequence[str], Sequence[Generation]], Scores]
+"""Scores answers for the sweep: (trait scores, coherence scores), 0-100, None if unscored."""
+
+
 def steering_sweep(
     loaded: LoadedModel,
-    layout: BlockLayout,
-    judge: Judge,
     trait: TraitDefinition,
     vectors: torch.Tensor,
     candidates: Sequence[int],
     budget: Budget,
     options: ExtractionOptions,
-) -> dict[int, tuple[float, float]]:
-    """Steer each candidate layer at a fixed coefficient on the evaluation questions, all in
-    one batched run (per-prompt coefficients select each row's layer); judge the answers."""
+    scorer: Scorer,
+) -> dict[int, SweepPoint]:
+    """Steer each candidate layer at +c and at -c on the evaluation questions, all in one
+    batched run (per-prompt coefficients select each row's layer and sign); score the answers.
+    Both signs count: a layer that only pushes one way is not a good steering layer."""
     questions = list(trait.evaluation_questions[: budget.eval_questions])
-    prompts = [q for _ in candidates for q in questions]
+    conditions = [(layer, sign) for layer in candidates for sign in (1.0, -1.0)]
+    prompts = [q for _ in conditions for q in questions]
     vector = PersonaVector(vectors, trait.name)
     specs = []
-    for index, layer in enumerate(candidates):
+    for layer in candidates:
         coefficients = [
-            options.steer_coefficient if row // len(questions) == index else 0.0
+            conditions[row // len(questions)][1] * options.steer_coefficient
+            if conditions[row // len(questions)][0] == layer
+            else 0.0
             for row in range(len(prompts))
         ]
         specs.append(SteeringSpec(vector, coefficients, layer))
@@ -378,22 +412,90 @@ def steering_sweep(
         max_new_tokens=budget.max_new_tokens,
         batch_size=len(prompts),
         steering=specs,
-        layout=layout,
+        layout=loaded.layout,
         seed=options.seed,
     )
-    items = [JudgeItem(q, a.response) for q, a in zip(prompts, answers, strict=True)]
-    trait_scores = judge.score_trait(trait, items)
-    coherence = judge.score_coherence(items, trait)
+    trait_scores, coherence = scorer(prompts, answers)
+
+    def block(index: int, scores: Sequence[float | None]) -> float:
+        values = [v for v in scores[index * len(questions) : (index + 1) * len(questions)]]
+        known = [v for v in values if v is not None]
+        return sum(known) / len(known) if known else 0.0
+
     sweep = {}
     for index, layer in enumerate(candidates):
-        rows = range(index * len(questions), (index + 1) * len(questions))
-        sweep[layer] = (_mean([trait_scores[r] for r in rows]), _mean([coherence[r] for r in rows]))
+        plus, minus = 2 * index, 2 * index + 1
+        sweep[layer] = SweepPoint(
+            block(plus, trait_scores),
+            block(minus, trait_scores),
+            min(block(plus, coherence), block(minus, coherence)),
+        )
     return sweep
 
 
-def _mean(scores: Sequence[JudgeScore]) -> float:
-    values = [s.score for s in scores if s.score is not None]
-    return sum(values) / len(values) if values else 0.0
+def judge_scorer(judge: Judge, trait: TraitDefinition) -> Scorer:
+    """The judge's trait and coherence scores."""
+
+    def score(prompts: Sequence[str], answers: Sequence[Generation]) -> Scores:
+        items = [JudgeItem(q, a.response) for q, a in zip(prompts, answers, strict=True)]
+        traits = judge.score_trait(trait, items)
+        coherence = judge.score_coherence(items, trait)
+        return [t.score for t in traits], [c.score for c in coherence]
+
+    return score
+
+
+def projection_scorer(
+    loaded: LoadedModel,
+    vectors: torch.Tensor,
+    pos: Sequence[Rollout],
+    neg: Sequence[Rollout],
+    layers: Sequence[int],
+) -> Scorer:
+    """No judge: the model reads its own steered answers. Each answer is fed back unsteered and
+    its response-mean activation projected on the vector at ``layers``; per layer, 0 is the
+    mean projection of the negative rollouts and 100 that of the positive ones, averaged over
+    the layers. Reading the text again without steering keeps the added vector itself out of
+    the reading. Coherence is the judges' text-statistics heuristic (no model)."""
+    layers = list(layers)
+    unit = vectors[layers] / vectors[layers].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def side_mean(rollouts: Sequence[Rollout]) -> torch.Tensor:
+        means = torch.stack([r.response_mean[layers] for r in rollouts])
+        return torch.einsum("nld,ld->nl", means, unit).mean(0)
+
+    low, high = side_mean(neg), side_mean(pos)
+    span = torch.where((high - low).abs() > 1e-6, high - low, torch.ones_like(high))
+
+    def score(prompts: Sequence[str], answers: Sequence[Generation]) -> Scores:
+        tokenizer = loaded.tokenizer
+        prompt_ids = [
+            tokenizer(a.prompt_text, add_special_tokens=False)["input_ids"] for a in answers
+        ]
+        pad = tokenizer.pad_token_id
+        pad = pad if pad is not None else (eos_token_ids(loaded.model, tokenizer) or [0])[0]
+        captured = capture_sequences(
+            loaded.model,
+            prompt_ids,
+            [a.response_ids for a in answers],
+            pad_token_id=pad,
+            layout=loaded.layout,
+            layers=layers,
+            batch_size=32,
+        )
+        traits: list[float | None] = []
+        for answer, result in zip(answers, captured, strict=True):
+            if not answer.response_ids or result.response_mean is None:
+                traits.append(None)
+                continue
+            projection = torch.einsum("ld,ld->l", result.response_mean[0], unit)
+            traits.append(float(100.0 * ((projection - low) / span).mean()))
+        coherence: list[float | None] = [
+            coherence_score(q, a.response) for q, a in zip(prompts, answers, strict=True)
+        ]
+        return traits, coherence
+
+    return score
 
 
 def summary(result: ExtractionResult) -> dict[str, Any]:

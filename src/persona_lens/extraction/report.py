@@ -35,12 +35,12 @@ def _plot(result: ExtractionResult, path: Path) -> None:
     best = result.vector.best_layer
     if result.sweep:
         sweep_layers = sorted(result.sweep)
-        axes[2].plot(
-            sweep_layers, [result.sweep[k][0] for k in sweep_layers], marker="o", label="trait"
-        )
-        axes[2].plot(
-            sweep_layers, [result.sweep[k][1] for k in sweep_layers], marker="s", label="coherence"
-        )
+        for label, values, marker in (
+            ("trait at +c", [result.sweep[k].plus for k in sweep_layers], "^"),
+            ("trait at -c", [result.sweep[k].minus for k in sweep_layers], "v"),
+            ("coherence", [result.sweep[k].coherence for k in sweep_layers], "s"),
+        ):
+            axes[2].plot(sweep_layers, values, marker=marker, label=label)
         axes[2].set(title="steering sweep (judged)", xlabel="steered layer", ylim=(0, 100))
         axes[2].legend()
     for ax in axes:
@@ -51,6 +51,34 @@ def _plot(result: ExtractionResult, path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
+
+
+def _layer_table(result: ExtractionResult) -> list[str]:
+    """Per candidate layer, the numbers the choice compared (and the separation beside them)."""
+    best = result.vector.best_layer
+    norms = result.vector.norms()
+    if result.sweep:
+        lines = [
+            "| layer | trait at +c | trait at -c | effect (+c minus -c) | coherence (lower) "
+            "| held-out separation | norm |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for layer in sorted(result.sweep):
+            point = result.sweep[layer]
+            mark = " (chosen)" if layer == best else ""
+            lines.append(
+                f"| {layer}{mark} | {point.plus:.1f} | {point.minus:.1f} | {point.effect:+.1f} "
+                f"| {point.coherence:.1f} | {float(result.separation[layer]):.2f} "
+                f"| {float(norms[layer]):.1f} |"
+            )
+        return lines
+    lines = ["| layer | held-out separation | norm |", "| --- | --- | --- |"]
+    for layer in result.candidates:
+        mark = " (chosen)" if layer == best else ""
+        lines.append(
+            f"| {layer}{mark} | {float(result.separation[layer]):.2f} | {float(norms[layer]):.1f} |"
+        )
+    return lines
 
 
 def _example(s: ScoredRollout) -> str:
@@ -95,17 +123,8 @@ def _markdown(result: ExtractionResult, vector_path: Path, png: Path, command: s
             f"{why}: {n}" for why, n in sorted(info["filter_reasons"][side].items())
         )
         lines.append(f"| {side} | {info['kept'][side]} | {reasons} |")
-    if result.sweep:
-        lines += [
-            "",
-            "## Steering sweep",
-            "",
-            "| layer | trait | coherence |",
-            "| --- | --- | --- |",
-        ]
-        for layer in sorted(result.sweep):
-            trait, coherence = result.sweep[layer]
-            lines.append(f"| {layer} | {trait:.1f} | {coherence:.1f} |")
+    lines += ["", "## Layer choice", "", f"Criterion: {info['layer_criterion']}.", ""]
+    lines += _layer_table(result)
     lines += ["", "## Example rollouts", ""]
     for side in ("pos", "neg"):
         examples = [s for s in result.rollouts if s.rollout.item.side == side][:3]

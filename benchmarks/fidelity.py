@@ -1,0 +1,180 @@
+"""Does an extracted vector steer? Measured with a sentiment lexicon nobody here wrote.
+
+For each vector file (or a fresh ``persona extract`` run with ``--extract TRAIT``), the embedded
+model answers held-out questions that no extraction ever sees (``tests/data/
+held_out_questions.txt``), greedy, no system prompt, unsteered and steered at every
+(layer, coefficient) of a grid: all conditions in one batched ``generate`` call, each block of
+rows with its own per-row coefficients. Each answer gets VADER's compound sentiment
+(vaderSentiment, -1..1); the table gives the change of the mean against the unsteered
+answers, so +2 should raise it and -2 lower it for ``optimistic``.
+
+Usage::
+
+    python benchmarks/fidelity.py vectors/optimistic.safetensors [--layers 8,12,16,20,24]
+    python benchmarks/fidelity.py --extract optimistic --seed 1 [--budget quick] [--judge offline]
+    ... [--section NAME]   # also write the table into RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from _common import ROOT, command_line, machine_lines, md_table, write_section
+
+sys.path.insert(0, str(ROOT))
+from persona_lens.core.generation import generate
+from persona_lens.core.models import LoadedModel, load_model
+from persona_lens.core.steering import SteeringSpec
+from persona_lens.core.vectors import PersonaVector
+from tests.sentiment import block_means, held_out_questions, sentiment
+
+
+def steering_grid(
+    loaded: LoadedModel,
+    vector: PersonaVector,
+    layers: Sequence[int],
+    coefficients: Sequence[float],
+    questions: Sequence[str],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 64,
+) -> tuple[float, dict[tuple[int, float], float], dict[tuple[int, float], list[str]]]:
+    """Unsteered mean sentiment, and the change of the mean at each (layer, coefficient)."""
+    conditions = [(layer, coef) for layer in layers for coef in coefficients]
+    block = len(questions)
+    prompts = [q for _ in range(len(conditions) + 1) for q in questions]  # block 0: unsteered
+    specs = []
+    for index, (layer, coef) in enumerate(conditions, start=1):
+        values = [coef if row // block == index else 0.0 for row in range(len(prompts))]
+        specs.append(SteeringSpec(vector, values, layer))
+    answers = generate(
+        loaded.model,
+        loaded.tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        steering=specs,
+        layout=loaded.layout,
+    )
+    scores = sentiment([a.response for a in answers])
+    means = block_means(scores, block)
+    effects = {c: means[i + 1] - means[0] for i, c in enumerate(conditions)}
+    texts = {
+        c: [a.response for a in answers[(i + 1) * block : (i + 2) * block]]
+        for i, c in enumerate(conditions)
+    }
+    return means[0], effects, texts
+
+
+def _extract(trait: str, budget: str, judge: str, seed: int, out: Path) -> Path:
+    from typer.testing import CliRunner
+
+    from persona_lens.cli import app
+
+    arguments = ["extract", trait, "--budget", budget, "--judge", judge, "--seed", str(seed)]
+    result = CliRunner().invoke(app, [*arguments, "--out", str(out)])
+    if result.exit_code != 0:
+        raise SystemExit(result.output)
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("vectors", nargs="*", type=Path)
+    parser.add_argument("--extract", help="extract this trait first (defaults but the seed)")
+    parser.add_argument("--budget", default="quick")
+    parser.add_argument("--judge", default="offline")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--layers", default="8,12,16,20,24")
+    parser.add_argument("--coefficients", default="-4,-2,2,4")
+    parser.add_argument("--questions", type=int, default=12)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--section", help="write the tables into this RESULTS.md section")
+    parser.add_argument("--json", type=Path, help="write the numbers (and answers) here")
+    args = parser.parse_args()
+
+    loaded = load_model("embedded")
+    paths = list(args.vectors)
+    seconds: dict[str, float] = {}
+    if args.extract:
+        started = time.perf_counter()
+        out = Path(tempfile.mkdtemp(prefix="fidelity-"))
+        paths.append(_extract(args.extract, args.budget, args.judge, args.seed, out))
+        seconds["extract"] = time.perf_counter() - started
+    layers = [int(x) for x in args.layers.split(",")]
+    coefficients = [float(x) for x in args.coefficients.split(",")]
+    questions = held_out_questions(args.questions)
+    body = [
+        "### Fidelity: steering measured by VADER sentiment",
+        "",
+        f"- command: `{command_line()}`",
+    ]
+    body += machine_lines(loaded.device)
+    body.append(
+        f"- {len(questions)} held-out questions, greedy, no system prompt, "
+        f"{args.max_new_tokens} new tokens; cells: change of mean VADER compound (-1..1) "
+        "against the unsteered answers"
+    )
+    record = {}
+    for path in paths:
+        vector = PersonaVector.load(path)
+        if vector.best_layer is not None and vector.best_layer not in layers:
+            layers_here = sorted([*layers, vector.best_layer])
+        else:
+            layers_here = layers
+        started = time.perf_counter()
+        base, effects, texts = steering_grid(
+            loaded,
+            vector,
+            layers_here,
+            coefficients,
+            questions,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+        )
+        seconds["grid"] = time.perf_counter() - started
+        norms = vector.norms()
+        rows = [
+            [
+                f"{layer}{' (chosen)' if layer == vector.best_layer else ''}",
+                *(f"{effects[(layer, c)]:+.2f}" for c in coefficients),
+                f"{float(norms[layer]):.1f}",
+            ]
+            for layer in layers_here
+        ]
+        meta = vector.metadata
+        body += [
+            "",
+            f"`{vector.trait}` (budget {meta.get('budget')}, judge {meta.get('judge')}, seed "
+            f"{meta.get('seed')}, best layer {vector.best_layer}: {meta.get('layer_criterion')}); "
+            f"unsteered mean {base:+.2f}; "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()),
+            "",
+            md_table(
+                ["layer", *(f"{c:+g}" for c in coefficients), "vector norm"],
+                rows,
+            ),
+        ]
+        record[str(path)] = {
+            "best_layer": vector.best_layer,
+            "unsteered": base,
+            "effects": {f"{k[0]}:{k[1]:+g}": v for k, v in effects.items()},
+            "answers": {f"{k[0]}:{k[1]:+g}": v for k, v in texts.items()},
+        }
+    text = "\n".join(body)
+    print(text, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=1))
+    if args.section:
+        write_section(args.section, text)
+
+
+if __name__ == "__main__":
+    main()
