@@ -72,12 +72,14 @@ def steering_grid(
     return means[0], effects, texts
 
 
-def _extract(trait: str, budget: str, judge: str, seed: int, out: Path) -> Path:
+def _extract(args: argparse.Namespace) -> Path:
     from typer.testing import CliRunner
 
     from persona_lens.cli import app
 
-    arguments = ["extract", trait, "--budget", budget, "--judge", judge, "--seed", str(seed)]
+    out = args.out or Path(tempfile.mkdtemp(prefix="fidelity-"))
+    arguments = ["extract", args.extract, "--budget", args.budget, "--judge", args.judge]
+    arguments += ["--seed", str(args.seed), "--batch-size", str(args.extract_batch_size)]
     result = CliRunner().invoke(app, [*arguments, "--out", str(out)])
     if result.exit_code != 0:
         raise SystemExit(result.output)
@@ -91,6 +93,8 @@ def main() -> None:
     parser.add_argument("--budget", default="quick")
     parser.add_argument("--judge", default="offline")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path, help="extraction output folder (its .cache resumes)")
+    parser.add_argument("--extract-batch-size", type=int, default=40)
     parser.add_argument("--layers", default="8,12,16,20,24")
     parser.add_argument("--coefficients", default="-4,-2,2,4")
     parser.add_argument("--questions", type=int, default=12)
@@ -105,8 +109,7 @@ def main() -> None:
     seconds: dict[str, float] = {}
     if args.extract:
         started = time.perf_counter()
-        out = Path(tempfile.mkdtemp(prefix="fidelity-"))
-        paths.append(_extract(args.extract, args.budget, args.judge, args.seed, out))
+        paths.append(_extract(args))
         seconds["extract"] = time.perf_counter() - started
     layers = [int(x) for x in args.layers.split(",")]
     coefficients = [float(x) for x in args.coefficients.split(",")]

@@ -45,6 +45,11 @@ def steps(repeats: int) -> dict[str, tuple[list[str], str | None]]:
         "extract": (extract, None),
         "stability": (["seed_stability.py", "--backend", backend], None),
         "judge": (["judge_agreement.py"], None),
+        "quick-budget": (["quick_budget.py", "--section", "quick budget"], None),
+        "fidelity": (
+            ["fidelity.py", "--extract", "optimistic", "--section", "fidelity optimistic"],
+            None,
+        ),
     }
 
 

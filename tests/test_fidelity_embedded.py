@@ -24,7 +24,7 @@ from tests.sentiment import block_means, held_out_questions, sentiment
 pytestmark = pytest.mark.embedded
 
 QUESTIONS = held_out_questions(8)
-TOKENS = 40
+TOKENS = 32
 COEFFICIENT = 2.0
 
 

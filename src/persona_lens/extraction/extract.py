@@ -58,8 +58,11 @@ class Budget:
 
 
 BUDGETS: dict[str, Budget] = {
+    # quick: 240 short rollouts rather than 80 longer ones. Two seeds' vectors agree in
+    # proportion to the rollout count far more than to their length (benchmarks/RESULTS.md,
+    # "quick budget trade-off").
     "quick": Budget(
-        pairs=5, questions=4, samples=2, max_new_tokens=40, eval_questions=3, candidate_layers=5
+        pairs=5, questions=8, samples=3, max_new_tokens=32, eval_questions=4, candidate_layers=5
     ),
     "standard": Budget(
         pairs=5, questions=10, samples=3, max_new_tokens=96, eval_questions=10, candidate_layers=8

@@ -1,0 +1,146 @@
+"""The quick budget's trade-off: how many rollouts until two seeds agree.
+
+Samples one pool of rollouts per seed (trait ``optimistic``, every instruction pair, the
+hf backend, no judge), then takes nested subsets (the first Q extraction questions and the
+first S samples of each) and reports the cosine of the two seeds' mean-difference vectors,
+per rollout count: the median over layer positions 1..L and the value at each candidate
+steering layer. It also reports, per instruction pair and side, the mean VADER sentiment of the
+rollouts (does each negative prompt elicit the opposite of the trait?).
+
+Usage: ``python benchmarks/quick_budget.py [--questions 8] [--samples 3] [--max-new-tokens 32]
+[--cache DIR] [--section NAME]``. The pool is cached in ``--cache`` (rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import ROOT, command_line, machine_lines, md_table, write_section
+
+from persona_lens.core.models import load_model
+from persona_lens.extraction.backends import load_backend
+from persona_lens.extraction.extract import candidate_layers
+from persona_lens.extraction.rollouts import Rollout, RolloutSettings, run_rollouts
+from persona_lens.traits.definitions import load_trait
+
+sys.path.insert(0, str(ROOT))
+from tests.sentiment import sentiment
+
+
+def mean_difference(rollouts: list[Rollout]) -> torch.Tensor:
+    pos = torch.stack([r.response_mean for r in rollouts if r.item.side == "pos"]).mean(0)
+    neg = torch.stack([r.response_mean for r in rollouts if r.item.side == "neg"]).mean(0)
+    return pos - neg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--trait", default="optimistic")
+    parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=120)
+    parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--section", help="write the tables into this RESULTS.md section")
+    args = parser.parse_args()
+
+    loaded = load_model("embedded")
+    backend = load_backend("hf", loaded, loaded.layout)
+    trait = load_trait(args.trait)
+    cache = args.cache or Path(tempfile.mkdtemp(prefix="quick-budget-"))
+    pools, seconds = {}, {}
+    for seed in (0, 1):
+        settings = RolloutSettings(
+            pairs=len(trait.instructions),
+            questions=args.questions,
+            samples=args.samples,
+            max_new_tokens=args.max_new_tokens,
+            temperature=1.0,
+            batch_size=args.batch_size,
+            seed=seed,
+        )
+        started = time.perf_counter()
+        pools[seed] = run_rollouts(backend, trait, settings, cache, fingerprint=loaded.fingerprint)
+        seconds[seed] = time.perf_counter() - started
+        print(f"seed {seed}: {len(pools[seed])} rollouts, {seconds[seed]:.0f} s", flush=True)
+
+    layers = candidate_layers(loaded.layout.num_layers, 5)
+    rows = []
+    for questions in sorted({max(1, args.questions // 2), args.questions}):
+        for samples in range(1, args.samples + 1):
+            vectors = [
+                mean_difference(
+                    [
+                        r
+                        for r in pools[seed]
+                        if r.item.question < questions and r.item.sample < samples
+                    ]
+                )
+                for seed in (0, 1)
+            ]
+            cos = torch.nn.functional.cosine_similarity(vectors[0][1:], vectors[1][1:], dim=-1)
+            count = 2 * len(trait.instructions) * questions * samples
+            rows.append(
+                [
+                    str(count),
+                    f"{questions} x {samples}",
+                    f"{cos.median():.3f}",
+                    *(f"{cos[layer - 1]:.3f}" for layer in layers),
+                ]
+            )
+            print(rows[-1], flush=True)
+    rows.sort(key=lambda r: int(r[0]))
+
+    scores = sentiment([r.response for r in pools[0]])
+    by_pair = []
+    for pair in range(len(trait.instructions)):
+        cells = []
+        for side in ("pos", "neg"):
+            values = [
+                s
+                for s, r in zip(scores, pools[0], strict=True)
+                if r.item.pair == pair and r.item.side == side
+            ]
+            cells.append(f"{statistics.mean(values):+.2f}")
+        by_pair.append([str(pair), *cells])
+    lengths = {
+        side: statistics.mean(r.num_tokens for r in pools[0] if r.item.side == side)
+        for side in ("pos", "neg")
+    }
+
+    body = [
+        "### Quick budget: two seeds' agreement by rollout count",
+        "",
+        f"- command: `{command_line()}`",
+        *machine_lines(loaded.device),
+        f"- trait `{args.trait}`, every instruction pair, hf backend, temperature 1.0, at most "
+        f"{args.max_new_tokens} new tokens, no judge (all rollouts); nested subsets of one "
+        f"pool per seed; generation {seconds[0]:.0f} s and {seconds[1]:.0f} s for "
+        f"{len(pools[0])} rollouts per seed (batch {args.batch_size}, on the loaded machine)",
+        "",
+        "Cosine of the seeds' response-mean difference vectors (median over positions 1..L, "
+        "then at the candidate steering layers):",
+        "",
+        md_table(
+            ["rollouts", "questions x samples", "median", *(f"layer {k}" for k in layers)], rows
+        ),
+        "",
+        "Mean VADER compound sentiment of the seed-0 rollouts per instruction pair "
+        f"(mean length: pos {lengths['pos']:.1f}, neg {lengths['neg']:.1f} tokens):",
+        "",
+        md_table(["pair", "pos", "neg"], by_pair),
+    ]
+    text = "\n".join(body)
+    print(text, flush=True)
+    if args.section:
+        write_section(args.section, text)
+
+
+if __name__ == "__main__":
+    main()
