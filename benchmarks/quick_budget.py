@@ -121,8 +121,11 @@ def main() -> None:
         *machine_lines(loaded.device),
         f"- trait `{args.trait}`, every instruction pair, hf backend, temperature 1.0, at most "
         f"{args.max_new_tokens} new tokens, no judge (all rollouts); nested subsets of one "
-        f"pool per seed; generation {seconds[0]:.0f} s and {seconds[1]:.0f} s for "
-        f"{len(pools[0])} rollouts per seed (batch {args.batch_size}, on the loaded machine)",
+        f"pool per seed of {len(pools[0])} rollouts (batch {args.batch_size}); "
+        + ", ".join(
+            f"seed {k}: " + ("read from the cache" if v < 5 else f"generated in {v:.0f} s")
+            for k, v in seconds.items()
+        ),
         "",
         "Cosine of the seeds' response-mean difference vectors (median over positions 1..L, "
         "then at the candidate steering layers):",
