@@ -14,6 +14,7 @@ Usage: ``python benchmarks/quick_budget.py [--questions 8] [--samples 3] [--max-
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -47,6 +48,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=120)
     parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=2,
+        choices=(1, 2),
+        help="1: one pool only, agreement of disjoint halves of it (samples, then questions)",
+    )
     parser.add_argument("--section", help="write the tables into this RESULTS.md section")
     args = parser.parse_args()
 
@@ -55,7 +63,7 @@ def main() -> None:
     trait = load_trait(args.trait)
     cache = args.cache or Path(tempfile.mkdtemp(prefix="quick-budget-"))
     pools, seconds = {}, {}
-    for seed in (0, 1):
+    for seed in range(args.seeds):
         settings = RolloutSettings(
             pairs=len(trait.instructions),
             questions=args.questions,
@@ -71,30 +79,41 @@ def main() -> None:
         print(f"seed {seed}: {len(pools[seed])} rollouts, {seconds[seed]:.0f} s", flush=True)
 
     layers = candidate_layers(loaded.layout.num_layers, 5)
+    pairs = len(trait.instructions)
     rows = []
-    for questions in sorted({max(1, args.questions // 2), args.questions}):
-        for samples in range(1, args.samples + 1):
-            vectors = [
-                mean_difference(
-                    [
-                        r
-                        for r in pools[seed]
-                        if r.item.question < questions and r.item.sample < samples
-                    ]
-                )
-                for seed in (0, 1)
-            ]
-            cos = torch.nn.functional.cosine_similarity(vectors[0][1:], vectors[1][1:], dim=-1)
-            count = 2 * len(trait.instructions) * questions * samples
-            rows.append(
-                [
-                    str(count),
-                    f"{questions} x {samples}",
-                    f"{cos.median():.3f}",
-                    *(f"{cos[layer - 1]:.3f}" for layer in layers),
+
+    def row(label: str, count: int, a: list[Rollout], b: list[Rollout]) -> None:
+        first, second = mean_difference(a), mean_difference(b)
+        cos = torch.nn.functional.cosine_similarity(first[1:], second[1:], dim=-1)
+        rows.append(
+            [str(count), label, f"{cos.median():.3f}", *(f"{cos[k - 1]:.3f}" for k in layers)]
+        )
+        print(rows[-1], flush=True)
+
+    if args.seeds == 2:
+        for questions in sorted({max(1, args.questions // 2), args.questions}):
+            for samples in range(1, args.samples + 1):
+                subsets = [
+                    [r for r in pools[k] if r.item.question < questions and r.item.sample < samples]
+                    for k in (0, 1)
                 ]
+                count = 2 * pairs * questions * samples
+                row(f"seed 0 vs 1, {questions} questions x {samples} samples", count, *subsets)
+    else:
+        pool = pools[0]
+        for a, b in itertools.combinations(range(args.samples), 2):
+            row(
+                f"sample {a} vs sample {b} of seed 0 ({args.questions} questions)",
+                2 * pairs * args.questions,
+                [r for r in pool if r.item.sample == a],
+                [r for r in pool if r.item.sample == b],
             )
-            print(rows[-1], flush=True)
+        row(
+            f"even vs odd questions of seed 0 ({args.samples} samples; other questions)",
+            pairs * args.questions * args.samples,
+            [r for r in pool if r.item.question % 2 == 0],
+            [r for r in pool if r.item.question % 2 == 1],
+        )
     rows.sort(key=lambda r: int(r[0]))
 
     scores = sentiment([r.response for r in pools[0]])
@@ -115,7 +134,7 @@ def main() -> None:
     }
 
     body = [
-        "### Quick budget: two seeds' agreement by rollout count",
+        "### Quick budget: agreement of independent vectors by rollout count",
         "",
         f"- command: `{command_line()}`",
         *machine_lines(loaded.device),
@@ -127,11 +146,12 @@ def main() -> None:
             for k, v in seconds.items()
         ),
         "",
-        "Cosine of the seeds' response-mean difference vectors (median over positions 1..L, "
-        "then at the candidate steering layers):",
+        "Cosine of two independent response-mean difference vectors (median over positions "
+        "1..L, then at the candidate steering layers):",
         "",
         md_table(
-            ["rollouts", "questions x samples", "median", *(f"layer {k}" for k in layers)], rows
+            ["rollouts per vector", "vectors compared", "median", *(f"layer {k}" for k in layers)],
+            rows,
         ),
         "",
         "Mean VADER compound sentiment of the seed-0 rollouts per instruction pair "
