@@ -8,10 +8,11 @@ The paper's pipeline, step by step:
    trait > 50 and negatives with trait < 50, both coherent (>= 50);
 3. vector = per-layer mean of kept positive response averages minus the negative ones (also
    the prompt-average and last-prompt-token variants);
-4. pick the steering layer: with a judge, steer each candidate layer at +c and -c on the
-   evaluation questions and take the layer whose judged trait score moves most between the
-   two (both directions coherent); without one, take the layer whose held-out projections
-   separate positives from negatives best;
+4. pick the steering layer: steer each candidate layer at +c and -c on the evaluation
+   questions and take the layer whose trait score moves most between the two (both directions
+   coherent). The judge scores the answers; without one, the model reads its own answers
+   (fed back unsteered, projected on the vector). ``layer_rule="separation"`` instead takes
+   the layer whose held-out projections separate positives from negatives best;
 5. save the vector and a report beside it.
 
 Budgets change counts only, never the method.
@@ -125,7 +126,7 @@ class ExtractionResult:
     vector: PersonaVector
     rollouts: list[ScoredRollout]
     separation: torch.Tensor  # [L+1] held-out separation (Cohen's d)
-    sweep: dict[int, SweepPoint]  # layer -> judged steering at +c and -c, when judged
+    sweep: dict[int, SweepPoint]  # layer -> steering scored at +c and -c (empty: separation)
     layer_criterion: str
     timings: dict[str, float] = field(default_factory=dict)
     candidates: list[int] = field(default_factory=list)  # the layers the choice compared
@@ -421,8 +422,8 @@ def steering_sweep(
     trait_scores, coherence = scorer(prompts, answers)
 
     def block(index: int, scores: Sequence[float | None]) -> float:
-        values = [v for v in scores[index * len(questions) : (index + 1) * len(questions)]]
-        known = [v for v in values if v is not None]
+        rows = scores[index * len(questions) : (index + 1) * len(questions)]
+        known = [v for v in rows if v is not None]
         return sum(known) / len(known) if known else 0.0
 
     sweep = {}
