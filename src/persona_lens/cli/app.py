@@ -48,7 +48,7 @@ class PlainMetavarGroup(TyperGroup):
 def _plain_metavars(params: list[Any]) -> None:
     for param in params:
         if getattr(param, "metavar", None) is None and hasattr(param, "display_type"):
-            param.display_type_rich = functools.partial(plain_metavar, param)  # type: ignore[attr-defined]
+            param.display_type_rich = functools.partial(plain_metavar, param)
 
 
 app = typer.Typer(

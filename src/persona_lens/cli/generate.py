@@ -125,7 +125,7 @@ def check_vector_args(
     must match it), and a warning for a vector that is zero where it is used."""
     for arg in steer_args:
         vector = vectors[arg.path]
-        layers = _steer_layers(arg, vector)
+        layers = steer_layers(arg, vector)
         if all(vector.near_zero(at) for at in layers):
             warn(f"--steer {arg.path} is zero at layer {_span(layers)}: it steers nothing")
     for ref in monitor_refs:
@@ -136,7 +136,7 @@ def check_vector_args(
             warn(f"{monitor_option} {ref.path} is zero at layer {at}: its projections are all 0")
 
 
-def _steer_layers(arg: SteerArg, vector: PersonaVector) -> list[int]:
+def steer_layers(arg: SteerArg, vector: PersonaVector, option: str = "--steer") -> list[int]:
     """The blocks ``--steer`` adds at, checked against the vector's layer count."""
     from persona_lens.core.vectors import check_layer
 
@@ -144,7 +144,7 @@ def _steer_layers(arg: SteerArg, vector: PersonaVector) -> list[int]:
     if sel is None:
         if vector.best_layer is None:
             raise LayerError(
-                f"--steer {arg.path}: vector {vector.trait!r} has no best_layer; "
+                f"{option} {arg.path}: vector {vector.trait!r} has no best_layer; "
                 "add @LAYER (e.g. VEC:2@12, or @all)"
             )
         sel = vector.best_layer
@@ -154,7 +154,7 @@ def _steer_layers(arg: SteerArg, vector: PersonaVector) -> list[int]:
     try:
         return [check_layer(at, vector.num_layers) for at in values]
     except LayerError as exc:
-        raise LayerError(f"--steer {arg.path}: {exc}") from exc
+        raise LayerError(f"{option} {arg.path}: {exc}") from exc
 
 
 def _span(layers: Sequence[int]) -> str:

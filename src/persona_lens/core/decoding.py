@@ -95,16 +95,16 @@ class _Broken:
 
 
 class _FiniteLogits(LogitsProcessor):
-    """Records NaN/inf logits and makes them harmless, so a sampling step does not crash
-    before the error is raised."""
+    """Records NaN/+inf logits and makes them harmless, so a sampling step does not crash
+    before the error is raised (-inf is how other processors mask tokens: it is fine)."""
 
     def __init__(self, broken: _Broken) -> None:
         self.broken = broken
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> Any:
-        finite = torch.isfinite(scores)
-        self.broken.record(~finite.all())
-        return torch.where(finite, scores, torch.zeros_like(scores))
+        bad = torch.isnan(scores) | torch.isposinf(scores)
+        self.broken.record(bad.any())
+        return torch.where(bad, torch.zeros_like(scores), scores)
 
 
 class _StopEarly(StoppingCriteria):
