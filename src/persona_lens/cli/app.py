@@ -86,3 +86,10 @@ def print_result(path: str | Path) -> None:
 
     if not is_stdout(path):
         print(path)
+
+
+def shown(path: str | Path) -> str:
+    """A path for messages: ``standard output`` when the output went there."""
+    from persona_lens.core.files import is_stdout
+
+    return "standard output" if is_stdout(path) else str(path)

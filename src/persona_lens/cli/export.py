@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from persona_lens.cli.app import app, console, print_result
+from persona_lens.cli.app import app, console, print_result, shown
 from persona_lens.core.errors import InputError, VectorMismatchError
 from persona_lens.core.files import check_output
 from persona_lens.interop.prompts_io import parse_layers
@@ -72,9 +72,9 @@ def export(
     chosen = layers or [loaded.best_layer or 0]
     first, last = to_direction_index(min(chosen)), to_direction_index(max(chosen))
     console.print(
-        f"wrote {path}: {len(set(chosen))} layer(s), llama.cpp direction.{first}"
+        f"wrote {shown(path)}: {len(set(chosen))} layer(s), llama.cpp direction.{first}"
         + (f"..{last}" if last != first else "")
-        + f"; use: --control-vector-scaled {path} 1.0",
+        + f"; use: --control-vector-scaled {path if shown(path) == str(path) else 'FILE'} 1.0",
         highlight=False,
         soft_wrap=True,
     )
@@ -136,6 +136,8 @@ def import_(
     path = vector.save(out)
     layers = vector.metadata.get("imported_layers", "")
     console.print(
-        f"wrote {path}: trait {vector.trait!r}, layers {layers}", highlight=False, soft_wrap=True
+        f"wrote {shown(path)}: trait {vector.trait!r}, layers {layers}",
+        highlight=False,
+        soft_wrap=True,
     )
     print_result(path)

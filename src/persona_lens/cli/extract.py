@@ -103,7 +103,9 @@ def extract(
     kept = result.kept_counts
     console.print(
         f"kept {kept['pos']} positive / {kept['neg']} negative rollouts; best layer "
-        f"{result.vector.best_layer} ({result.layer_criterion}); report {report}"
+        f"{result.vector.best_layer} ({result.layer_criterion}); report {report}",
+        highlight=False,
+        soft_wrap=True,
     )
     print_result(vector_path)
 

@@ -111,7 +111,9 @@ def load_checked_model(
 
 def warn(message: str) -> None:
     """One ``warning: ...`` line on stderr."""
-    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def check_vector_args(

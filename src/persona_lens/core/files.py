@@ -73,7 +73,7 @@ def check_output(path: str | Path, what: str = "output") -> OutputTarget:
         raise InputError(f"{what} is empty; give a file path (or - for standard output)")
     try:
         info = given.stat()  # follows symlinks
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         info = None
     except OSError as exc:
         raise InputError(f"{what} {given}: {exc.strerror or exc}") from None

@@ -201,10 +201,15 @@ def model_fingerprint(
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _fail(spec: str, exc: BaseException | str) -> ModelSpecError:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    detail = lines[0][:300] if lines else type(exc).__name__
-    return ModelSpecError(f"cannot load model {spec!r}: {detail}")
+def _fail(spec: str, exc: BaseException | str, what: str = "") -> ModelSpecError:
+    """One line: the whole message joined (never cut mid-sentence below 300 characters)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > 300:
+        text = text[:300].rsplit(" ", 1)[0] + " ..."
+    return ModelSpecError(f"cannot load model {spec!r}: {what}{text}")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 def _offline() -> bool:
@@ -231,8 +236,18 @@ def _load_pretrained(
     path: str, spec: str, dtype: torch.dtype, **kwargs: Any
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Tokenizer and model from a directory or hub id, with SDPA attention where supported."""
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelSpecError(
+            f"cannot load model {spec!r}: the folder has no tokenizer (none of "
+            f"{', '.join(TOKENIZER_FILES)}); save it beside the weights with "
+            "tokenizer.save_pretrained(FOLDER)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except Exception as exc:
+        raise _fail(spec, exc, "its tokenizer does not load: ") from exc
+    try:
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, attn_implementation="sdpa", **kwargs
@@ -253,6 +268,19 @@ def _gguf_key(path: Path) -> str:
         f.seek(max(size - _MiB, 0))
         digest.update(f.read(_MiB))
     return digest.hexdigest()[:16]
+
+
+def check_gguf_file(path: Path, spec: str) -> None:
+    """ModelSpecError unless ``path`` is a complete GGUF file: the reader maps every tensor,
+    so a truncated download fails here with a clear message instead of inside numpy."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(str(path))
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        what = "is not a GGUF file" if "magic" in detail.lower() else "looks truncated or corrupt"
+        raise ModelSpecError(f"cannot load model {spec!r}: the file {what} ({detail})") from exc
 
 
 def _convert_gguf(path: Path, out: Path) -> None:
@@ -287,6 +315,7 @@ def _ensure_gguf_cache(path: Path, spec: str) -> Path:
     final = gguf_cache_dir(path)
     if final.is_dir():
         return final
+    check_gguf_file(path, spec)
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(".tmp-*"):  # left by killed conversions
         with contextlib.suppress(OSError):
