@@ -288,6 +288,8 @@ def _convert_gguf(path: Path, out: Path) -> None:
     from transformers.initialization import no_init_weights
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    check_gguf_file(path, str(path))
+
     folder, name = str(path.parent), path.name
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     config.__dict__.pop("quantization_config", None)
@@ -315,7 +317,6 @@ def _ensure_gguf_cache(path: Path, spec: str) -> Path:
     final = gguf_cache_dir(path)
     if final.is_dir():
         return final
-    check_gguf_file(path, spec)
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(".tmp-*"):  # left by killed conversions
         with contextlib.suppress(OSError):
@@ -329,6 +330,8 @@ def _ensure_gguf_cache(path: Path, spec: str) -> Path:
         except OSError:
             if not final.is_dir():  # another process won the race otherwise
                 raise
+    except ModelSpecError as exc:  # already says what is wrong, naming the file
+        raise ModelSpecError(str(exc).replace(repr(str(path)), repr(spec), 1)) from exc
     except Exception as exc:
         raise _fail(spec, exc) from exc
     finally:
