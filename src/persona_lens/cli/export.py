@@ -104,13 +104,14 @@ def import_(
       persona import happy.gguf -o happy.safetensors\n
       persona import happy.gguf --model ./Mistral-7B-Instruct -o happy.safetensors
     """
-    from persona_lens.interop.control_vectors import import_gguf
+    from persona_lens.interop.control_vectors import import_gguf, read_control_vector
     from persona_lens.traits.generator import normalize_name
 
     if not check_output(out, "--out").stream and out.suffix != ".safetensors":
         raise InputError(f"--out {out} should end in .safetensors")
     if trait is not None:
         trait = normalize_name(trait)  # the rule `persona extract` applies to names
+    read_control_vector(control_vector)  # a bad file fails before any model loads
     if model is None:
         vector = import_gguf(control_vector, trait=trait)
     else:

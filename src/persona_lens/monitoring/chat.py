@@ -214,7 +214,15 @@ class ChatSession:
         compile_specs([spec], self.layout)
         self.steering[vector.trait] = spec
         where = "all layers" if layers == "all" else f"layer {self._describe_layers(spec)}"
-        return f"steering {vector.trait}: {coefficient:+g} at {where}"
+        used = range(1, vector.num_layers + 1) if layers == "all" else self._steered_layers(spec)
+        zero = all(vector.near_zero(at) for at in used)
+        note = " (warning: the vector is zero there: it steers nothing)" if zero else ""
+        return f"steering {vector.trait}: {coefficient:+g} at {where}{note}"
+
+    def _steered_layers(self, spec: SteeringSpec) -> list[int]:
+        if spec.layers is None:
+            return [self._layer(spec.vector, None)]
+        return [spec.layers] if isinstance(spec.layers, int) else list(spec.layers)  # type: ignore[arg-type]
 
     def _describe_layers(self, spec: SteeringSpec) -> str:
         if spec.layers is None:
@@ -243,6 +251,11 @@ class ChatSession:
         monitor = Monitor(vector.trait, vector.at(at), at)
         self.monitors[vector.trait] = monitor
         self.scales[vector.trait] = self._meter_scale(monitor, vector)
+        if vector.near_zero(at):
+            return (
+                f"monitoring {vector.trait} at layer {at} (warning: the vector is zero there: "
+                "its projections are all 0)"
+            )
         return f"monitoring {vector.trait} at layer {at}"
 
     def monitor_off(self, ref: str | None = None) -> str:
