@@ -142,8 +142,8 @@ class DecodingChecks:
             self._hook = None
 
     def _check_block(self, module: nn.Module, args: Any, output: Any) -> None:
-        hidden = block_hidden(output).detach()
-        squares = hidden.float().pow(2).sum(dim=-1)  # what the final norm computes
+        last = block_hidden(output).detach()[:, -1]  # the position the next token comes from
+        squares = last.float().pow(2).sum(dim=-1)  # what the final norm computes
         self._broken.record(~torch.isfinite(squares).all())
 
     def kwargs(self) -> dict[str, Any]:
@@ -159,12 +159,12 @@ class DecodingChecks:
         if self._broken:
             if steering:
                 raise NonFiniteError(
-                    "the model's activations became NaN or infinite under steering ("
+                    "the model's activations overflowed to NaN or infinity under steering ("
                     + "; ".join(describe_steering(s) for s in steering)
                     + "): use a smaller coefficient"
                 )
             raise NonFiniteError(
-                "the model's activations became NaN or infinite without steering; try "
+                "the model's activations overflowed to NaN or infinity without steering; try "
                 "another dtype (float32) or check the model's weights"
             )
 

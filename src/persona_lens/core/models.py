@@ -212,6 +212,17 @@ def _fail(spec: str, exc: BaseException | str, what: str = "") -> ModelSpecError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
+def _has_tokenizer_files(folder: Path) -> bool:
+    """Whether a model folder holds any tokenizer file (json, sentencepiece, tiktoken...)."""
+    for path in folder.iterdir():
+        name = path.name.lower()
+        if name in TOKENIZER_FILES or "tokenizer" in name or "vocab" in name:
+            return True
+        if name.endswith((".model", ".tiktoken")) or name == "merges.txt":
+            return True
+    return False
+
+
 def _offline() -> bool:
     truthy = {"1", "on", "yes", "true"}
     env = (os.environ.get(k, "").lower() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
@@ -237,7 +248,7 @@ def _load_pretrained(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Tokenizer and model from a directory or hub id, with SDPA attention where supported."""
     folder = Path(path)
-    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if folder.is_dir() and not _has_tokenizer_files(folder):
         raise ModelSpecError(
             f"cannot load model {spec!r}: the folder has no tokenizer (none of "
             f"{', '.join(TOKENIZER_FILES)}); save it beside the weights with "
