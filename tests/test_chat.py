@@ -287,3 +287,17 @@ def test_cli_chat_bad_start_is_a_user_error(env: dict[str, Path]) -> None:
             app, ["chat", "--model", str(env["model"]), *args], input="/quit\n"
         )
         assert isinstance(result.exception, error), (args, result.output)
+
+
+def test_cli_chat_end_of_input_hints_at_save_first(env: dict[str, Path]) -> None:
+    """Ctrl-D (end of input) with unsaved turns shows the /save hint; a second one leaves."""
+    result = CliRunner().invoke(
+        app,
+        ["chat", "--model", str(env["model"]), "--max-new-tokens", "2"],
+        input="hello\n",  # then end of input, twice
+    )
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert "/save FILE keeps the conversation (1 unsaved turns)" in text
+    assert text.rstrip().endswith("bye")
+    assert text.index("assistant>") < text.index("/save FILE keeps") < text.index("bye")

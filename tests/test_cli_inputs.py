@@ -179,11 +179,6 @@ CASES = [
         "long.jsonl:2: the prompt has",
     ),
     case(
-        "monitor: prompt longer than the context",
-        "monitor -m {tiny} -v {vec} -p {long} -o o.jsonl",
-        "long.jsonl:2: the prompt has",
-    ),
-    case(
         "--max-prompt-tokens past the context",
         "generate -m {tiny} -p {long} -o o.jsonl --max-prompt-tokens 100",
         "passes the model's context of 64",
@@ -404,13 +399,31 @@ def _records(text: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+def _monitor_dash(files: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``-o -``, with a zero vector and a prompt to cut: the JSONL on stdout, the two
+    warnings (one line each) on stderr."""
+    return persona(
+        "monitor", "-m", files["tiny"], "-v", files["zero"], "-p", files["long"], "-o", "-",
+        "--max-prompt-tokens", "20", cwd=cwd, env=ENV, timeout=240,
+    )  # fmt: skip
+
+
+def _import_with_umask(files: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``persona import`` into a new file under umask 027."""
+    code = f"import os; os.umask(0o027); {ENTRY}"
+    return subprocess.run(
+        [sys.executable, "-c", code, "import", files["cv"], "-o", "v.safetensors"],
+        cwd=cwd, env=ENV, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def stream_runs(
     files: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, object]]:
-    """``-o -``, ``-o FIFO``, ``-o SYMLINK`` (twice), in parallel."""
+    """``-o -``, ``-o FIFO``, ``-o SYMLINK`` and a new file under a umask, in parallel."""
     root = tmp_path_factory.mktemp("streams")
-    for name in ("dash", "fifo", "link"):
+    for name in ("dash", "fifo", "link", "umask"):
         (root / name).mkdir()
     os.mkfifo(root / "fifo" / "out.fifo")
     (root / "link" / "real.jsonl").write_text("old\n")
@@ -424,11 +437,14 @@ def stream_runs(
 
     reader = threading.Thread(target=read_fifo, daemon=True)
     reader.start()
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        dash = pool.submit(_generate, files, "-", root / "dash")
-        fifo = pool.submit(_generate, files, "out.fifo", root / "fifo")
-        link = pool.submit(_generate, files, "out.jsonl", root / "link")
-        results = {"dash": dash.result(), "fifo": fifo.result(), "link": link.result()}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        runs = {
+            "dash": pool.submit(_monitor_dash, files, root / "dash"),
+            "fifo": pool.submit(_generate, files, "out.fifo", root / "fifo"),
+            "link": pool.submit(_generate, files, "out.jsonl", root / "link"),
+            "umask": pool.submit(_import_with_umask, files, root / "umask"),
+        }
+        results = {name: run.result() for name, run in runs.items()}
     reader.join(timeout=30)
     yield {"root": root, "received": received, **results}
     if reader.is_alive():  # never block the suite on a FIFO nobody wrote
@@ -436,29 +452,40 @@ def stream_runs(
             pass
 
 
-def test_dash_writes_the_jsonl_to_stdout_and_nothing_else(stream_runs: dict) -> None:
+def test_dash_writes_the_jsonl_to_stdout_and_nothing_else(
+    stream_runs: dict, files: dict[str, str]
+) -> None:
     proc = stream_runs["dash"]
-    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    records = _records(proc.stdout)  # every stdout line is a record: no path printed
-    assert [r.get("prompt", "messages") for r in records] == [
-        "hello world",
-        "messages",
-    ]
-    assert all(isinstance(r["response"], str) for r in records)
+    assert proc.returncode == 0, proc.stderr
+    short, cut = _records(proc.stdout)  # every stdout line is a record: no path printed
     assert list((stream_runs["root"] / "dash").iterdir()) == []  # no file named '-'
+    # a zero vector: one warning line, and projections of 0
+    assert short["projections"] == cut["projections"] == {"zero": 0.0}
+    # --max-prompt-tokens: the end of the last user message is cut, its beginning kept
+    assert short["prompt"] == "hello" and "prompt_tokens_cut" not in short
+    assert str(cut["prompt"]).split() == ["hello"] * 15
+    assert cut["prompt_tokens_cut"] == 80 - 15
+    assert proc.stderr.strip().splitlines() == [
+        f"warning: --vector {files['zero']} is zero at layer 2: its projections are all 0",
+        f"warning: cut 1 prompt(s) of {files['long']} to 20 tokens (--max-prompt-tokens): "
+        "line(s) 2",
+    ]
 
 
 def test_fifo_is_streamed_into_not_replaced(stream_runs: dict) -> None:
     proc = stream_runs["fifo"]
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     fifo = stream_runs["root"] / "fifo" / "out.fifo"
     assert stat.S_ISFIFO(fifo.stat().st_mode)
     (data,) = stream_runs["received"]
-    assert len(_records(data.decode())) == 2
+    records = _records(data.decode())
+    assert [r.get("prompt", "messages") for r in records] == ["hello world", "messages"]
+    assert all(isinstance(r["response"], str) for r in records)
     assert sorted(p.name for p in fifo.parent.iterdir()) == ["out.fifo"]
 
 
 def test_symlink_is_followed_and_its_target_replaced(stream_runs: dict) -> None:
+    """The link stays a link, its target is replaced (mode kept) and that is said."""
     proc = stream_runs["link"]
     folder = stream_runs["root"] / "link"
     assert proc.returncode == 0, proc.stderr
@@ -471,73 +498,13 @@ def test_symlink_is_followed_and_its_target_replaced(stream_runs: dict) -> None:
     assert sorted(p.name for p in folder.iterdir()) == ["out.jsonl", "real.jsonl"]
 
 
-def test_new_files_respect_the_umask_and_overwrites_are_said(
-    files: dict[str, str], tmp_path: Path
-) -> None:
-    """Import twice: a new file gets 0666 minus the umask (here 027), then ``replaced``."""
-    cmd = [sys.executable, "-c", f"import os; os.umask(0o027); {ENTRY}", "import", files["cv"]]
-    first = subprocess.run(
-        [*cmd, "-o", "v.safetensors"], cwd=tmp_path, env=ENV, capture_output=True, text=True
-    )
-    assert first.returncode == 0 and "replaced" not in first.stderr, first.stderr
-    assert stat.S_IMODE((tmp_path / "v.safetensors").stat().st_mode) == 0o640
-    again = subprocess.run(
-        [*cmd, "-o", "v.safetensors"], cwd=tmp_path, env=ENV, capture_output=True, text=True
-    )
-    assert again.returncode == 0
-    assert again.stderr.splitlines()[0] == "replaced v.safetensors"
-    assert PersonaVector.load(tmp_path / "v.safetensors").trait == "evil"
-
-
-def test_zero_vector_warns_in_one_line(files: dict[str, str], tmp_path: Path) -> None:
-    proc = persona(
-        "monitor",
-        "-m",
-        files["tiny"],
-        "-v",
-        files["zero"],
-        "-p",
-        files["good"],
-        "-o",
-        "-",
-        cwd=tmp_path,
-        env=ENV,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.strip().splitlines() == [
-        f"warning: --vector {files['zero']} is zero at layer 2: its projections are all 0"
-    ]
-    assert all(r["projections"] == {"zero": 0.0} for r in _records(proc.stdout))
-
-
-def test_max_prompt_tokens_cuts_the_end_of_the_last_user_message(
-    files: dict[str, str], tmp_path: Path
-) -> None:
-    proc = persona(
-        "monitor",
-        "-m",
-        files["tiny"],
-        "-v",
-        files["vec"],
-        "-p",
-        files["long"],
-        "-o",
-        "-",
-        "--max-prompt-tokens",
-        "20",
-        cwd=tmp_path,
-        env=ENV,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.strip().splitlines() == [
-        f"warning: cut 1 prompt(s) of {files['long']} to 20 tokens (--max-prompt-tokens): line(s) 2"
-    ]
-    short, cut = _records(proc.stdout)
-    assert short["prompt"] == "hello" and "prompt_tokens_cut" not in short
-    assert str(cut["prompt"]).split() == ["hello"] * 15  # the beginning kept
-    assert cut["prompt_tokens_cut"] == 80 - 15
+def test_new_files_respect_the_umask(stream_runs: dict) -> None:
+    """A new file gets 0666 minus the umask (here 027: 0640), not 0600."""
+    proc = stream_runs["umask"]
+    out = stream_runs["root"] / "umask" / "v.safetensors"
+    assert proc.returncode == 0 and "replaced" not in proc.stderr, proc.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert PersonaVector.load(out).trait == "evil"
 
 
 # --- Ctrl-C under a terminal ------------------------------------------------------------------
@@ -624,20 +591,3 @@ def test_ctrl_c_in_chat_stops_the_reply_and_keeps_the_conversation(
     child.close()
     assert child.exitstatus == 0
     assert json.loads((tmp_path / "talk.json").read_text())["turns"] == []
-
-
-@needs_pexpect
-def test_ctrl_d_after_a_turn_hints_at_save_first(endless: Path, tmp_path: Path) -> None:
-    child = _spawn(["chat", "-m", str(endless), "--max-new-tokens", "2"], tmp_path)
-    child.expect("you> ")
-    child.sendline("hello")
-    child.expect("assistant> ")
-    child.expect("you> ")
-    child.sendeof()
-    child.expect(r"/save FILE keeps the conversation \(1 unsaved turns\)")
-    child.expect("you> ")
-    child.sendeof()
-    child.expect("bye")
-    child.expect(pexpect.EOF, timeout=30)
-    child.close()
-    assert child.exitstatus == 0
