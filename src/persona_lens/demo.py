@@ -37,6 +37,7 @@ def run_demo(
     console: Console,
 ) -> Path:
     started = time.perf_counter()
+    trait = load_trait(trait_name)  # a bad name fails before the model loads
     with console.status(f"loading {model_spec} ..."):
         loaded = load_model(model_spec)
     layout = loaded.layout
@@ -47,7 +48,6 @@ def run_demo(
         f"({time.perf_counter() - started:.1f} s to load)"
     )
 
-    trait = load_trait(trait_name)
     pair = trait.instructions[0]
     questions = list(trait.extraction_questions[:num_questions])
     prompts = [

@@ -30,3 +30,8 @@ class VectorMismatchError(VectorError):
 
 class InputError(PersonaLensError):
     """Malformed user input: empty prompt list, bad JSONL line, bad option value."""
+
+
+class NonFiniteError(PersonaLensError):
+    """The model's activations became NaN or infinite (usually: a steering coefficient too
+    large for its vector)."""

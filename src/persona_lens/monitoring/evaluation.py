@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from persona_lens.core.errors import InputError
-from persona_lens.core.files import atomic_write, atomic_write_text
+from persona_lens.core.files import OutputTarget, atomic_write, atomic_write_text, check_output
 from persona_lens.core.generation import PromptLike, generate
 from persona_lens.core.steering import SteeringSpec
 from persona_lens.traits.definitions import TraitDefinition
@@ -482,15 +482,15 @@ def parse_coefficients(text: str) -> list[float]:
 
 
 def write_eval(report: EvalReport, out: Path) -> list[Path]:
-    """Write ``out`` (JSON), ``<stem>.md`` and, with a sweep, ``<stem>.sweep.png``."""
+    """Write ``out`` (JSON), ``<stem>.md`` and, with a sweep, ``<stem>.sweep.png``; into a
+    stream (``-``, a FIFO), the JSON alone."""
     import json
 
     from persona_lens.interop.prompts_io import json_safe
 
-    if out.is_dir():
-        raise InputError(f"--out {out} is a directory; give a .json file")
-    if out.suffix in (".md", ".png"):
-        raise InputError(f"--out {out}: give a .json file (the .md and .png go beside it)")
+    text = json.dumps(json_safe(report.to_json()), indent=2, ensure_ascii=False, allow_nan=False)
+    if check_eval_output(out).stream:  # stdout or a FIFO: the JSON alone
+        return [atomic_write_text(out, text + "\n", "--out")]
     stem = out.with_suffix("") if out.suffix else out
     written = []
     png = None
@@ -498,6 +498,19 @@ def write_eval(report: EvalReport, out: Path) -> list[Path]:
         png = report.plot_sweep(Path(f"{stem}.sweep.png"))
         written.append(png)
     md = atomic_write_text(Path(f"{stem}.md"), report.markdown(png))
-    text = json.dumps(json_safe(report.to_json()), indent=2, ensure_ascii=False, allow_nan=False)
     written += [md, atomic_write_text(out, text + "\n")]
     return written
+
+
+def check_eval_output(out: Path) -> OutputTarget:
+    """Check ``--out`` and the ``.md``/``.png`` files beside it before any work (InputError).
+    A stream (``-``, a FIFO) gets the JSON alone."""
+    target = check_output(out, "--out")
+    if target.stream:
+        return target
+    if out.suffix in (".md", ".png"):
+        raise InputError(f"--out {out}: give a .json file (the .md and .png go beside it)")
+    stem = out.with_suffix("") if out.suffix else out
+    for beside in (Path(f"{stem}.md"), Path(f"{stem}.sweep.png")):
+        check_output(beside, "--out")
+    return target
