@@ -22,6 +22,7 @@ from persona_lens.cli import (  # noqa: F401
     view,
 )
 from persona_lens.cli.app import app
+from persona_lens.cli.screen import with_optional_values
 from persona_lens.core.errors import PersonaLensError
 
 __all__ = ["app", "main"]
@@ -30,7 +31,7 @@ __all__ = ["app", "main"]
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     try:
-        app()
+        app(args=with_optional_values(sys.argv[1:]))
     except PersonaLensError as exc:
         message = " ".join(str(exc).split())  # one line, whatever the message held
         print(f"error: {message}", file=sys.stderr)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TimeElapsedColumn
 
 from persona_lens.cli.app import ModelOption, app, console
-from persona_lens.cli.generate import stage_progress
 from persona_lens.core.errors import LayerError
 from persona_lens.interop.prompts_io import VectorRef, parse_vector_ref
 
@@ -70,8 +72,7 @@ def screen(
         str | None,
         typer.Option(
             "--ray",
-            is_flag=False,
-            flag_value="local",
+            metavar="[ADDRESS]",
             help="Score on Ray: --ray alone starts a local instance, --ray ADDRESS joins a "
             "cluster (needs persona-lens[ray]).",
         ),
@@ -111,7 +112,7 @@ def screen(
 
     refs = [parse_vector_ref(v, "--vector") for v in vector]
     command = "persona " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    with stage_progress() as advance:
+    with _progress() as advance:
         result = run_screen(
             data,
             [_vector_arg(r) for r in refs],
@@ -154,6 +155,51 @@ def screen(
         + (f"; report {summary.report}" if summary.report else "")
     )
     print(out)
+
+
+@contextmanager
+def _progress() -> Iterator[Callable[[str, int, int], None]]:
+    """A stage-aware progress bar that appears with the first report (after the input, the
+    vectors and the model were checked) and disappears on an error, which is then the only
+    line on stderr."""
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    task: list[TaskID] = []
+
+    def report(stage: str, done: int, total: int) -> None:
+        if not task:
+            progress.start()
+            task.append(progress.add_task(stage, total=total))
+        progress.update(task[0], description=stage, completed=done, total=total)
+
+    try:
+        yield report
+    except BaseException:
+        progress.live.transient = True
+        raise
+    finally:
+        progress.stop()
+
+
+OPTIONAL_VALUES = {"--ray": "local"}
+"""Options whose value may be left out (``--ray`` alone means ``--ray=local``)."""
+
+
+def with_optional_values(args: list[str]) -> list[str]:
+    """``persona screen`` arguments with a bare ``--ray`` (last, or before another option)
+    written as ``--ray=local``; the command-line parser needs every option value spelled out."""
+    if not args or args[0] != "screen":
+        return list(args)
+    out = list(args)
+    for k, arg in enumerate(out):
+        if arg in OPTIONAL_VALUES and (k + 1 == len(out) or out[k + 1].startswith("-")):
+            out[k] = f"{arg}={OPTIONAL_VALUES[arg]}"
+    return out
 
 
 def _vector_arg(ref: VectorRef) -> Path | tuple[Path, int]:

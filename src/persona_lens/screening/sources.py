@@ -196,9 +196,18 @@ def _check_columns(names: list[str], path: Path) -> None:
         )
 
 
-def _parquet_file(path: Path) -> Any:
-    import pyarrow.parquet as pq
+def _import_pyarrow() -> Any:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise InputError(
+            "reading Parquet needs pyarrow: pip install 'persona-lens[screen]'"
+        ) from exc
+    return pq
 
+
+def _parquet_file(path: Path) -> Any:
+    pq = _import_pyarrow()
     try:
         return pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for a damaged file
@@ -211,7 +220,7 @@ def _load_hf(path: Path) -> Any:
     except ImportError as exc:
         raise InputError(
             "reading a saved Hugging Face dataset needs the datasets package: "
-            "pip install 'persona-lens[train]'"
+            "pip install 'persona-lens[screen]'"
         ) from exc
     try:
         loaded = datasets.load_from_disk(str(path))
@@ -449,8 +458,8 @@ def _clean_csv(source: Source, path: Path, keep: Callable[[int], bool]) -> int:
 
 def _clean_parquet(source: Source, path: Path, keep: Callable[[int], bool]) -> int:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
+    pq = _import_pyarrow()
     table = _parquet_file(source.path)
     kept = 0
 
