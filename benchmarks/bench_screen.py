@@ -66,7 +66,7 @@ from persona_lens.core.models import (
 from persona_lens.core.vectors import PersonaVector
 from persona_lens.screening.samples import Sample as ScreenSample
 from persona_lens.screening.samples import to_sample
-from persona_lens.screening.scoring import MODES, Scorer, ScoreSettings
+from persona_lens.screening.scoring import MODES, Scorer, ScoreSettings, _encode
 from persona_lens.screening.screen import screen
 from persona_lens.screening.synthetic import SYNTHETIC_TRAITS, SYNTHETIC_VERSIONS, synthetic_dataset
 
@@ -137,13 +137,12 @@ def _name(loaded: LoadedModel) -> str:
 def _tokenized(
     loaded: LoadedModel, samples: Sequence[ScreenSample]
 ) -> tuple[list[list[int]], list[list[int]]]:
+    """The tokenization the Scorer does (chat template, one batched tokenizer call each)."""
     tok = loaded.tokenizer
-    prompts = [
-        list(tok(render_chat(tok, s.prompt), add_special_tokens=False)["input_ids"])
-        for s in samples
-    ]
-    responses = [list(tok(s.response, add_special_tokens=False)["input_ids"]) for s in samples]
-    return prompts, responses
+    return (
+        _encode(tok, [render_chat(tok, s.prompt) for s in samples]),
+        _encode(tok, [s.response for s in samples]),
+    )
 
 
 def bare_forward(

@@ -106,13 +106,8 @@ class Scorer:
         """Scores in the order of ``samples`` (a row whose response has no tokens is skipped)."""
         tokenizer = self.loaded.tokenizer
         cap = self.settings.max_response_tokens
-        prompts = [
-            list(tokenizer(render_chat(tokenizer, s.prompt), add_special_tokens=False)["input_ids"])
-            for s in samples
-        ]
-        responses = [
-            list(tokenizer(s.response, add_special_tokens=False)["input_ids"]) for s in samples
-        ]
+        prompts = _encode(tokenizer, [render_chat(tokenizer, s.prompt) for s in samples])
+        responses = _encode(tokenizer, [s.response for s in samples])
         usable = [i for i, ids in enumerate(responses) if ids]
         captured = capture_sequences(
             self.loaded.model,
@@ -166,15 +161,13 @@ class Scorer:
         """a_l(x, y') · v̂ per sample, y' the model's greedy answer (generated once per distinct
         prompt, in batches of prompts of similar length)."""
         keys = [_prompt_key(s) for s in samples]
-        distinct = list(dict.fromkeys(keys))
-        first = {k: samples[keys.index(k)].prompt for k in distinct}
+        first: dict[str, tuple[dict[str, str], ...]] = {}
+        for key, sample in zip(keys, samples, strict=True):
+            first.setdefault(key, sample.prompt)
+        distinct = list(first)
         tokenizer = self.loaded.tokenizer
-        lengths = {
-            k: len(
-                tokenizer(render_chat(tokenizer, first[k]), add_special_tokens=False)["input_ids"]
-            )
-            for k in distinct
-        }
+        encoded = _encode(tokenizer, [render_chat(tokenizer, first[k]) for k in distinct])
+        lengths = {k: len(ids) for k, ids in zip(distinct, encoded, strict=True)}
         order = sorted(distinct, key=lambda k: -lengths[k])
         size = len(order) if self.settings.backend == "vllm" else self.settings.batch_size
         terms: dict[str, tuple[dict[str, float], str | None, bool]] = {}
@@ -192,6 +185,13 @@ class Scorer:
                 assert means is not None
                 terms[key] = (self._project(means[list(self.layers)]), gen.response, empty)
         return [terms[k] for k in keys]
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text (one batched tokenizer call), no special tokens added."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def _prompt_key(sample: Sample) -> str:
