@@ -258,6 +258,8 @@ def _bad_cases(env: dict[str, Any], tmp: Path) -> list[tuple[list[Any], type, st
             "give it .jsonl",
         ),
         ([d, "-v", env["evil"], *m, "--mode", "both"], InputError, "unknown mode"),
+        ([d, "-v", env["evil"], *m, "--workers", "2"], InputError, "add --ray"),
+        ([d, "-v", env["evil"], *m, "--percentile", "90"], InputError, "--threshold-from"),
     ]
 
 

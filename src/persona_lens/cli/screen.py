@@ -13,7 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TimeElapsedColumn
 
 from persona_lens.cli.app import ModelOption, app, console
-from persona_lens.core.errors import LayerError
+from persona_lens.core.errors import InputError, LayerError
 from persona_lens.interop.prompts_io import VectorRef, parse_vector_ref
 
 
@@ -58,8 +58,9 @@ def screen(
         typer.Option(help="Reference dataset: flag above its --percentile of scores."),
     ] = None,
     percentile: Annotated[
-        str, typer.Option(help="Percentile of the reference's scores (with --threshold-from).")
-    ] = "95",
+        str | None,
+        typer.Option(help="Percentile of the reference's scores (with --threshold-from; 95)."),
+    ] = None,
     write_clean: Annotated[
         Path | None,
         typer.Option(help="Write the unflagged rows here, in the input's own format."),
@@ -111,6 +112,8 @@ def screen(
     from persona_lens.screening.screen import screen as run_screen
 
     refs = [parse_vector_ref(v, "--vector") for v in vector]
+    if percentile is not None and threshold_from is None:
+        raise InputError("--percentile applies to --threshold-from REF")
     command = "persona " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with _progress() as advance:
         result = run_screen(
@@ -123,7 +126,7 @@ def screen(
             threshold=parse_thresholds(threshold or []),
             filter_top=parse_number(filter_top, "--filter-top") if filter_top else None,
             threshold_from=threshold_from,
-            percentile=parse_number(percentile, "--percentile"),
+            percentile=parse_number(percentile, "--percentile") if percentile else 95.0,
             out=out,
             write_clean=write_clean,
             report=report,

@@ -70,7 +70,15 @@ class ShardScorer:
                 (int(batch["cursor0"][k]), int(batch["cursor1"][k])),
             )
             indices.append(shard.index)
-            texts.append(self.error or "\n".join(score_shard(self.reader, shard, self.scorer)))
+            if not self.error:
+                try:
+                    texts.append("\n".join(score_shard(self.reader, shard, self.scorer)))
+                    continue
+                except OSError as exc:  # e.g. an input path the worker cannot see
+                    self.error = f"a Ray worker cannot read {self.reader.source.path}: {exc}"
+                except PersonaLensError as exc:
+                    self.error = str(exc)
+            texts.append(self.error)
         return {
             "index": np.array(indices, dtype=np.int64),
             "error": np.array([bool(self.error)] * len(indices)),
@@ -161,9 +169,13 @@ def _run(
         compute=ray.data.ActorPoolStrategy(size=size),
         **per_worker,
     )
-    for row in dataset.iter_rows():
-        if row["error"]:
-            raise PersonaLensError(str(row["lines"]))
-        text = str(row["lines"])
-        store(int(row["index"]), text.split("\n") if text else [])
+    try:
+        for row in dataset.iter_rows():
+            if row["error"]:
+                raise PersonaLensError(str(row["lines"]))
+            text = str(row["lines"])
+            store(int(row["index"]), text.split("\n") if text else [])
+    except ray.exceptions.RayError as exc:  # a worker died or raised: say what, in one line
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise PersonaLensError(f"the Ray run failed: {lines[-1] if lines else exc!r}") from exc
     return size

@@ -122,6 +122,8 @@ def screen(
     if out_path is not None and out_path.is_dir():
         raise InputError(f"output path {out_path} is a directory")
     address = _ray_address(ray)
+    if workers is not None and address is None:
+        raise InputError("--workers sets the number of Ray workers; add --ray")
     with tempfile.TemporaryDirectory(prefix="persona-screen-") as scratch_dir:
         scratch = Path(scratch_dir)
         source = _open_data(data, scratch)
