@@ -42,11 +42,11 @@ from typing import Any
 import numpy as np
 import torch
 from _common import (
-    RANDOM_PRESETS,
     ROOT,
     Sample,
     command_line,
     interleaved,
+    load_subject,
     machine_lines,
     md_table,
     median,
@@ -55,14 +55,7 @@ from _common import (
 
 from persona_lens.core.capture import padded_forward_kwargs
 from persona_lens.core.generation import eos_token_ids, render_chat
-from persona_lens.core.models import (
-    LoadedModel,
-    load_model,
-    model_source,
-    prepare_tokenizer,
-    resolve_device,
-    resolve_dtype,
-)
+from persona_lens.core.models import LoadedModel, load_model
 from persona_lens.core.vectors import PersonaVector
 from persona_lens.screening.samples import Sample as ScreenSample
 from persona_lens.screening.samples import to_sample
@@ -87,31 +80,11 @@ def synthetic_records(count: int) -> list[dict[str, Any]]:
 
 
 def loaded_subject(spec: str, device: str | None, dtype: str | None) -> LoadedModel:
-    """``embedded`` (or any spec), or ``random:PRESET``: a random-weight Llama with the embedded
-    tokenizer (read from its converted folder, so the embedded weights are never loaded)."""
+    """``embedded`` (or any spec), or ``random:PRESET`` (see ``_common.load_subject``)."""
     if not spec.startswith("random:"):
         return load_model(spec, device=device, dtype=dtype)
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    preset = spec.split(":", 1)[1]
-    if preset not in RANDOM_PRESETS:
-        raise SystemExit(f"unknown random preset {preset!r}; choose from {sorted(RANDOM_PRESETS)}")
-    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(model_source("embedded")))
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        **RANDOM_PRESETS[preset],
-    )
-    torch.manual_seed(0)
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    model = LlamaForCausalLM(config).to(dev, torch_dtype).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return LoadedModel(model, tok, spec, dev, torch_dtype)
+    subject = load_subject(spec, device or "auto", dtype or "auto")
+    return LoadedModel(subject.model, subject.tokenizer, spec, subject.device, subject.dtype)
 
 
 def random_vector(loaded: LoadedModel, name: str, seed: int) -> PersonaVector:

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TimeE
 
 from persona_lens.cli.app import ModelOption, app, console
 from persona_lens.core.errors import InputError, LayerError
-from persona_lens.interop.prompts_io import VectorRef, parse_vector_ref
+from persona_lens.interop.prompts_io import VectorRef, parse_number, parse_vector_ref
 
 
 @app.command()
@@ -108,7 +108,7 @@ def screen(
       --report screen-report\n
       persona screen data.jsonl -v evil.safetensors --mode prompt-last --ray -o ranked.jsonl
     """
-    from persona_lens.screening.flagging import parse_number, parse_thresholds
+    from persona_lens.screening.flagging import parse_thresholds
     from persona_lens.screening.screen import screen as run_screen
 
     refs = [parse_vector_ref(v, "--vector") for v in vector]

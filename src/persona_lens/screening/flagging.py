@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from persona_lens.core.errors import InputError
+from persona_lens.interop.prompts_io import parse_number
 
 
 @dataclass(frozen=True)
@@ -65,17 +66,6 @@ class FlagRule:
                 raise InputError(f"--threshold gives no value for {trait!r}")
             return float(self.threshold[trait])
         return None if self.threshold is None else float(self.threshold)
-
-
-def parse_number(text: str, option: str) -> float:
-    """A finite float from a command-line value (InputError otherwise)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise InputError(f"{option} {text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise InputError(f"{option} {text!r} is not a finite number")
-    return value
 
 
 def parse_thresholds(values: Sequence[str]) -> float | dict[str, float] | None:
