@@ -297,6 +297,12 @@ def test_missing_ray_and_other_errors_are_one_line_exit_2(
         assert proc.stdout == "" and not (tmp_path / "out.jsonl").exists()
 
 
+def test_help_has_examples() -> None:
+    result = _invoke("--help")
+    assert result.exit_code == 0 and "Examples" in result.output
+    assert "--ray" in result.output and "ray extra" in " ".join(result.output.split())
+
+
 # --- resuming ---------------------------------------------------------------------------------
 def test_kill_9_then_rerun_gives_the_same_file(env: dict[str, Any], tmp_path: Path) -> None:
     data = tmp_path / "many.jsonl"

@@ -75,7 +75,7 @@ def screen(
             "--ray",
             metavar="[ADDRESS]",
             help="Score on Ray: --ray alone starts a local instance, --ray ADDRESS joins a "
-            "cluster (needs persona-lens[ray]).",
+            "cluster (needs Ray: the ray extra of persona-lens).",
         ),
     ] = None,
     workers: Annotated[
