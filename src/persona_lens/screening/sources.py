@@ -8,8 +8,8 @@ this process or by a Ray worker; :class:`ShardReader` reads one shard's rows;
 
 Row numbers are 1-based: the line number for JSONL (blank lines are not rows), the record
 number otherwise. Parquet shards never span row groups; a shard read out of order decodes its
-row group from the start, so files with very large row groups are read fastest in order (a
-local run), and give Ray workers more work per shard than small row groups would.
+row group from the start, so for files with very large row groups a local run (which reads
+in order) reads less than Ray workers do.
 """
 
 from __future__ import annotations
