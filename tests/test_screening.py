@@ -22,6 +22,7 @@ import torch
 from typer.testing import CliRunner
 
 from persona_lens.cli import app
+from persona_lens.cli.screen import with_optional_values
 from persona_lens.core.errors import (
     InputError,
     LayerError,
@@ -295,6 +296,15 @@ def test_missing_ray_and_other_errors_are_one_line_exit_2(
         assert proc.returncode == 2, proc.stderr
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
         assert proc.stdout == "" and not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_bare_ray_flag_means_a_local_instance() -> None:
+    assert with_optional_values(["screen", "d.jsonl", "--ray", "-o", "x"]) == [
+        "screen", "d.jsonl", "--ray=local", "-o", "x",
+    ]  # fmt: skip
+    assert with_optional_values(["screen", "d.jsonl", "--ray"])[-1] == "--ray=local"
+    assert with_optional_values(["screen", "d", "--ray", "10.0.0.2:6379"])[-1] == "10.0.0.2:6379"
+    assert with_optional_values(["generate", "--ray"]) == ["generate", "--ray"]
 
 
 def test_help_has_examples() -> None:
