@@ -124,7 +124,9 @@ def screen(
     address = _ray_address(ray)
     if workers is not None and address is None:
         raise InputError("--workers sets the number of Ray workers; add --ray")
-    with tempfile.TemporaryDirectory(prefix="persona-screen-") as scratch_dir:
+    # scratch space (the scored rows gathered once more) beside the output, not in /tmp
+    near = out_path.parent if out_path is not None and out_path.parent.is_dir() else None
+    with tempfile.TemporaryDirectory(prefix=".persona-screen-", dir=near) as scratch_dir:
         scratch = Path(scratch_dir)
         source = _open_data(data, scratch)
         label = str(data) if isinstance(data, str | Path) else f"{source.path.name} (records)"
