@@ -2,7 +2,7 @@
 
 The public API, importable from the package's top::
 
-    from persona_lens import load_model, PersonaVector, SteeringSpec, generate, Monitor
+    from persona_lens import load_model, PersonaVector, SteeringSpec, generate, Monitor, screen
 
 Names load on first use (PEP 562), so ``import persona_lens`` and the ``persona`` command
 start without importing torch and transformers until they are needed.
@@ -45,6 +45,11 @@ _EXPORTS: dict[str, str] = {
     "ExtractionOptions": "persona_lens.extraction.extract",
     "ExtractionResult": "persona_lens.extraction.extract",
     "load_judge": "persona_lens.judges.specs",
+    # screening training data
+    "screen": "persona_lens.screening.screen",
+    "ScreenResult": "persona_lens.screening.results",
+    "ScreenSummary": "persona_lens.screening.results",
+    "synthetic_dataset": "persona_lens.screening.synthetic",
     # using a vector live
     "GuardSpec": "persona_lens.monitoring.guard",
     "guard": "persona_lens.monitoring.guard",
@@ -65,6 +70,8 @@ __all__ = [
     "Monitor",
     "PersonaLensError",
     "PersonaVector",
+    "ScreenResult",
+    "ScreenSummary",
     "SteeringHandle",
     "SteeringSpec",
     "TraitDefinition",
@@ -81,7 +88,9 @@ __all__ = [
     "load_judge",
     "load_model",
     "load_trait",
+    "screen",
     "steer",
+    "synthetic_dataset",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}
 
@@ -116,5 +125,8 @@ if TYPE_CHECKING:
     from persona_lens.extraction.extract import ExtractionOptions, ExtractionResult, extract
     from persona_lens.judges.specs import load_judge
     from persona_lens.monitoring.guard import GuardSpec, generate_guarded, guard
+    from persona_lens.screening.results import ScreenResult, ScreenSummary
+    from persona_lens.screening.screen import screen
+    from persona_lens.screening.synthetic import synthetic_dataset
     from persona_lens.traits.definitions import TraitDefinition, load_trait
     from persona_lens.traits.generator import generate_trait

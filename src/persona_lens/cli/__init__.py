@@ -27,9 +27,11 @@ from persona_lens.cli import (  # noqa: F401
     generate,
     info,
     monitor,
+    screen,
     view,
 )
 from persona_lens.cli.app import app
+from persona_lens.cli.screen import with_optional_values
 from persona_lens.core.errors import PersonaLensError
 
 __all__ = ["app", "main"]
@@ -42,7 +44,7 @@ def main() -> None:
     _quiet_libraries()
     _notes_to_stderr()
     try:
-        code = app(standalone_mode=False)
+        code = app(args=with_optional_values(sys.argv[1:]), standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as exc:
         print(exc.format_message())  # `persona` alone: the help, and click's exit code
         sys.exit(2)

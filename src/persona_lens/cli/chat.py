@@ -23,7 +23,13 @@ from rich.text import Text
 from persona_lens.cli.app import ModelOption, app, console
 from persona_lens.cli.generate import check_vector_args, load_vector_files
 from persona_lens.core.errors import InputError, LayerError, PersonaLensError
-from persona_lens.interop.prompts_io import SteerArg, VectorRef, parse_steer, parse_vector_ref
+from persona_lens.interop.prompts_io import (
+    SteerArg,
+    VectorRef,
+    parse_number,
+    parse_steer,
+    parse_vector_ref,
+)
 
 if TYPE_CHECKING:
     from persona_lens.monitoring.chat import ChatSession, Turn
@@ -87,13 +93,7 @@ def _parse_guard(text: str) -> tuple[str, float]:
     path, sep, value = text.strip().rpartition(":")
     if not sep or not path:
         raise InputError(f"--guard {text!r}: expected VEC:THRESHOLD, e.g. evil.safetensors:3.5")
-    try:
-        threshold = float(value)
-    except ValueError:
-        raise InputError(f"--guard {text!r}: threshold {value!r} is not a number") from None
-    if not math.isfinite(threshold):
-        raise InputError(f"--guard {text!r}: threshold must be finite")
-    return path, threshold
+    return path, parse_number(value, f"--guard {text!r}: threshold")
 
 
 @app.command()

@@ -333,13 +333,19 @@ def parse_steer(text: str) -> SteerArg:
         raise InputError(
             f"{option} {text!r}: expected VEC:COEF[@LAYER], e.g. humorous.safetensors:2"
         )
-    try:
-        coefficient = float(coef_text)
-    except ValueError:
-        raise InputError(f"{option} {text!r}: coefficient {coef_text!r} is not a number") from None
-    if not math.isfinite(coefficient):
-        raise InputError(f"{option} {text!r}: coefficient must be finite")
+    coefficient = parse_number(coef_text, f"{option} {text!r}: coefficient")
     return SteerArg(Path(path), coefficient, layers)
+
+
+def parse_number(text: str, option: str) -> float:
+    """A finite float from a command-line value; InputError naming ``option`` otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError(f"{option} {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise InputError(f"{option} {text!r} is not a finite number")
+    return value
 
 
 def unique_names(names: Sequence[str], layers: Sequence[int]) -> list[str]:

@@ -36,7 +36,7 @@ from persona_lens.core.files import atomic_write_text
 from persona_lens.core.generation import Message, render_chat
 from persona_lens.core.steering import SteeringSpec, compile_specs
 from persona_lens.core.vectors import PersonaVector, check_layer
-from persona_lens.interop.prompts_io import json_safe, parse_layers
+from persona_lens.interop.prompts_io import json_safe, parse_layers, parse_number
 from persona_lens.monitoring.guard import GuardEvent, GuardSpec, generate_guarded, resolve_guards
 
 NEUTRAL_EXCHANGE = ("What is the capital of France?", "The capital of France is Paris.")
@@ -439,7 +439,7 @@ class ChatSession:
             return self.steer_off(ref)
         coef_text, _, layer_text = value.partition("@")
         layers = parse_layers(layer_text, "/steer layer") if layer_text else None
-        return self.steer(ref, _number(coef_text, "/steer coefficient"), layers)
+        return self.steer(ref, parse_number(coef_text, "/steer coefficient"), layers)
 
     def _cmd_monitor(self, args: list[str]) -> str:
         if args and args[0] == "off":
@@ -459,8 +459,8 @@ class ChatSession:
         if len(args) not in (2, 3):
             raise InputError("usage: /guard TRAIT[@LAYER] THRESHOLD [COEF]")
         ref, layer = _split_at(args[0], "/guard")
-        threshold = _number(args[1], "/guard threshold")
-        coefficient = _number(args[2], "/guard coefficient") if len(args) == 3 else -2.0
+        threshold = parse_number(args[1], "/guard threshold")
+        coefficient = parse_number(args[2], "/guard coefficient") if len(args) == 3 else -2.0
         return self.guard(ref, threshold, coefficient, layer)
 
     def _cmd_reset(self, args: list[str]) -> str:
@@ -513,16 +513,6 @@ _COMMANDS = {
     "/quit": ChatSession._cmd_quit,
     "/exit": ChatSession._cmd_quit,
 }
-
-
-def _number(text: str, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise InputError(f"{what} {text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise InputError(f"{what} must be finite")
-    return value
 
 
 def _split_at(text: str, what: str) -> tuple[str, int | None]:
