@@ -9,6 +9,7 @@ import typer
 
 from persona_lens.cli.app import ModelOption, app, console
 from persona_lens.cli.generate import load_checked_model, load_vector_files
+from persona_lens.cli.train import quiet_loading
 
 
 @app.command()
@@ -45,7 +46,8 @@ def shift(
         raise InputError(f"--out {out} is a directory; give a .json file")
     vectors = load_vector_files([ref.path])
     definition = load_trait(trait or vectors[ref.path].trait)
-    loaded, _ = load_checked_model(model, vectors)
+    with quiet_loading():
+        loaded, _ = load_checked_model(model, vectors)
     check_adapter(adapter, loaded)
     with console.status("measuring the finetuning shift ..."):
         result = finetuning_shift(

@@ -20,21 +20,43 @@ if TYPE_CHECKING:
 
 @contextmanager
 def training_progress() -> Iterator[ProgressFn]:
-    """A rich bar over optimiser steps, with the last logged training loss."""
+    """A rich bar over optimiser steps, with the last logged training loss; it appears when
+    training starts, so a refusal before that prints nothing but its one line."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("training", total=None)
+    progress = Progress(*columns, console=console, transient=False)
+    task = progress.add_task("training", total=None, start=False)
 
-        def report(step: int, total: int, loss: float | None) -> None:
-            text = "training" if loss is None else f"training (loss {loss:.3f})"
-            progress.update(task, description=text, completed=step, total=total or None)
+    def report(step: int, total: int, loss: float | None) -> None:
+        if not progress.live.is_started:
+            progress.start()
+            progress.start_task(task)
+        text = "training" if loss is None else f"training (loss {loss:.3f})"
+        progress.update(task, description=text, completed=step, total=total or None)
 
+    try:
         yield report
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No per-weight progress bar from transformers while the model loads."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 @app.command()
@@ -116,10 +138,7 @@ def train(
       accelerate launch --num_processes 2 -m persona_lens.cli train data.jsonl --out runs/ddp
     """
     from persona_lens.training.config import preset_config
-    from persona_lens.training.data import read_dataset
-    from persona_lens.training.interventions import Intervention, parse_intervention
-    from persona_lens.training.run import check_out
-    from persona_lens.training.run import train as run_train
+    from persona_lens.training.workdir import check_out
 
     config = preset_config(
         preset,
@@ -135,19 +154,29 @@ def train(
         save_steps=save_steps,
         seed=seed,
     )
+    check_out(out, resume=resume, overwrite=overwrite)  # before anything heavy is imported
+    from persona_lens.training.data import read_dataset
+    from persona_lens.training.interventions import (
+        Intervention,
+        check_interventions,
+        parse_intervention,
+    )
+    from persona_lens.training.run import train as run_train
+
     parsed = [
         (kind, *parse_intervention(kind, text))
         for kind, values in (("prevent", prevent), ("ablate", ablate), ("regularize", regularize))
         for text in values or ()
     ]
-    check_out(out, resume=resume, overwrite=overwrite)
     dataset = read_dataset(data)
     vectors = load_vector_files([path for _, path, _, _ in parsed])
-    loaded, _ = load_checked_model(model, vectors)
+    with quiet_loading():
+        loaded, _ = load_checked_model(model, vectors)
     interventions = [
         Intervention(kind, vectors[path], coef, layers, str(path))  # type: ignore[arg-type]
         for kind, path, coef, layers in parsed
     ]
+    check_interventions(interventions, loaded.layout, loaded.fingerprint)
     with training_progress() as report:
         result = run_train(
             loaded,

@@ -117,7 +117,9 @@ def adapter_applied(loaded: LoadedModel, folder: str | Path) -> Iterator[LoadedM
     peft = _peft()
     with _restored(loaded.model):
         try:
-            peft_model = peft.PeftModel.from_pretrained(loaded.model, str(folder))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+                peft_model = peft.PeftModel.from_pretrained(loaded.model, str(folder))
         except (ValueError, OSError, KeyError, RuntimeError) as exc:
             detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise InputError(f"--adapter {folder}: cannot load it ({detail})") from exc

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import shutil
 import time
@@ -26,7 +25,6 @@ from typing import Any
 
 import torch
 
-from persona_lens.core.errors import InputError
 from persona_lens.core.files import atomic_write_text
 from persona_lens.core.models import LoadedModel
 from persona_lens.core.version import __version__
@@ -49,11 +47,16 @@ from persona_lens.training.trainer import (
     Progress,
     ProgressCallback,
     SteeredTrainer,
+)
+from persona_lens.training.workdir import (
+    check_out,
     last_complete_checkpoint,
+    partial_dir,
+    prepare_work,
+    publish,
 )
 
 FORMAT = "persona-lens-train/1"
-IDENTITY = "run.json"
 CONFIG_FILE = "training_config.json"
 LOSS_PLOT = "loss.png"
 
@@ -65,11 +68,6 @@ class TrainResult:
     out: Path
     record: dict[str, Any]
     main_process: bool = True  # False on the other processes of a distributed run
-
-
-def partial_dir(out: Path) -> Path:
-    """The work folder of a run writing ``out``."""
-    return out.parent / f".{out.name}.partial"
 
 
 def train(
@@ -91,11 +89,14 @@ def train(
     ``callbacks`` are extra ``transformers.TrainerCallback`` objects.
     """
     from accelerate import PartialState
+    from transformers import set_seed
 
     config = (config or TrainConfig()).check()
     out = Path(out)
     work = partial_dir(out)
-    state = PartialState()
+    # the same device choice as the TrainingArguments below: the first PartialState decides
+    # the distributed set-up (on a CPU, several processes talk over gloo)
+    state = PartialState(cpu=loaded.device.type == "cpu")
     check_out(out, resume=resume, overwrite=overwrite)
     dataset = data if isinstance(data, Dataset) else read_dataset(data)
     examples = tokenize_all(loaded.tokenizer, dataset, config.max_length)
@@ -114,11 +115,12 @@ def train(
     }
     checkpoint = None
     if state.is_main_process:
-        checkpoint = _prepare_work(work, identity, resume=resume, overwrite=overwrite)
+        checkpoint = prepare_work(work, identity, resume=resume, overwrite=overwrite)
     state.wait_for_everyone()
     if not state.is_main_process:
         checkpoint = last_complete_checkpoint(work / "checkpoints") if resume else None
     started = time.time()
+    set_seed(config.seed)  # the LoRA initialisation draws from the global generator
     with lora_attached(loaded.model, config) as peft_model:
         trainer = _trainer(
             loaded, peft_model, config, items, train_rows, work, progress, callbacks, state
@@ -133,62 +135,11 @@ def train(
             record["resumed_from_step"] = int(checkpoint.name.split("-")[1]) if checkpoint else None
             record["duration_s"] = round(time.time() - started, 1)
             _write_outputs(work / "final", peft_model, trainer, record)
-            _publish(work, out)
+            publish(work, out)
         state.wait_for_everyone()
     if not state.is_main_process:
         record = json.loads((out / RECORD).read_text(encoding="utf-8"))
     return TrainResult(out, record, state.is_main_process)
-
-
-# --- the work folder ------------------------------------------------------------------------------
-def check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse an existing ``out`` without ``overwrite``, and a killed run's work folder
-    without ``resume`` or ``overwrite``."""
-    work = partial_dir(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; give a folder for the adapter")
-    if out.exists() and not overwrite:
-        raise InputError(f"--out {out} already exists; pass --overwrite to replace it")
-    if work.exists() and not (resume or overwrite):
-        raise InputError(
-            f"a killed run left {work}; pass --resume to continue it or --overwrite to start over"
-        )
-
-
-def _prepare_work(
-    work: Path, identity: dict[str, Any], *, resume: bool, overwrite: bool
-) -> Path | None:
-    """Create (or, resuming, check) the work folder; returns the checkpoint to resume from."""
-    stored = work / IDENTITY
-    if resume and stored.is_file():
-        previous = json.loads(stored.read_text(encoding="utf-8"))
-        differs = [k for k in identity if previous.get(k) != identity[k]]
-        if differs:
-            raise InputError(
-                f"--resume: {work} was started with a different {', '.join(differs)}; "
-                "pass --overwrite to start over"
-            )
-        shutil.rmtree(work / "final", ignore_errors=True)
-        return last_complete_checkpoint(work / "checkpoints")
-    if work.exists() and (overwrite or resume):
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    atomic_write_text(stored, json.dumps(identity, indent=2) + "\n")
-    return None
-
-
-def _publish(work: Path, out: Path) -> None:
-    """Move the finished files to ``out`` (replacing an old ``out``), then drop the work."""
-    final = work / "final"
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(final, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(final, out)
-    shutil.rmtree(work, ignore_errors=True)
 
 
 # --- the Trainer ----------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ from persona_lens.core.files import atomic_write_text
 from persona_lens.core.steering import SteeringHandle, compile_specs
 from persona_lens.training.interventions import Intervention
 from persona_lens.training.regularization import ProjectionPenalty
+from persona_lens.training.workdir import COMPLETE
 
-COMPLETE = "persona-lens-complete"  # marker file of a fully written checkpoint
 Progress = Callable[[int, int, float | None], None]  # (step, total steps, last loss)
 
 
@@ -141,15 +141,3 @@ class CheckpointMarker(TrainerCallback):
             folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
                 atomic_write_text(folder / COMPLETE, f"{state.global_step}\n")
-
-
-def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The highest-step checkpoint in ``folder`` that carries the completion marker."""
-    if not folder.is_dir():
-        return None
-    found = []
-    for path in folder.glob("checkpoint-*"):
-        step = path.name.removeprefix("checkpoint-")
-        if step.isdigit() and (path / COMPLETE).is_file():
-            found.append((int(step), path))
-    return max(found)[1] if found else None
