@@ -526,3 +526,37 @@ def test_subprocess_bad_input_is_one_line_exit_2(
         proc = persona(*args, timeout=180)
         assert_one_line_error(proc, needle, target)
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+
+
+def test_cli_eval_scores_adapters_beside_the_base_model(
+    tiny: tuple[Any, Any, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two adapters taught to answer 'hello ...' and 'world ...': the judge that counts
+    'hello' ranks them apart in one table, the base model beside them."""
+    import persona_lens.judges.specs as judges
+    from tests.fake_judge import FakeJudge, hello_share
+
+    loaded, _, model_dir = tiny
+    config = preset_config("paper", **{**FAST.to_json(), "max_steps": 10, "learning_rate": 5e-2})
+    adapters = {}
+    for word in ("hello", "world"):
+        rows = [
+            {"messages": [r["messages"][0], {"role": "assistant", "content": f"{word} " * 4}]}
+            for r in conversations(20)
+        ]
+        data = write_jsonl(tmp_path / f"{word}.jsonl", rows)
+        adapters[word] = train(loaded, data, tmp_path / word, config=config).out
+    monkeypatch.setattr(judges, "load_judge", lambda spec, **kw: FakeJudge(hello_share))
+    out = tmp_path / "eval.json"
+    args = ["eval", "--model", model_dir, "--trait", "humorous", "--questions", 3,
+            "--max-new-tokens", 4, "--temperature", 0, "--judge", "fake", "--out", out,
+            "--adapter", adapters["hello"], "--adapter", adapters["world"]]  # fmt: skip
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    scores = {Path(m["name"]).name: m["baseline"]["trait_score"] for m in data["models"]}
+    assert scores["hello"] == 100.0 and scores["world"] == 0.0, scores
+    assert {s.get("model") for s in data["samples"]} >= {str(adapters["hello"]), None}
+    assert "## Models" in out.with_suffix(".md").read_text()
+    bad = CliRunner().invoke(app, [str(a) for a in args[:-4]] + ["--adapter", str(tmp_path)])
+    assert isinstance(bad.exception, InputError) and "adapter_config.json" in str(bad.exception)

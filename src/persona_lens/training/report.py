@@ -18,6 +18,15 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, ax: Any, path: Path) -> Path:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
 def plot_loss_curve(record: dict[str, Any], path: Path) -> Path:
     """Training loss per optimiser step (the steered loss the optimiser saw), the projection
     penalty where there is one, and the held-out losses without steering as lines."""
@@ -34,19 +43,15 @@ def plot_loss_curve(record: dict[str, Any], path: Path) -> Path:
             label="projection penalty",
         )
     held = record.get("heldout_loss") or {}
-    for key, style in (("base", ":"), ("tuned", "--")):
+    for key, style, who in (("base", ":", "base model"), ("tuned", "--", "fine-tuned")):
         if held.get(key) is not None:
-            ax.axhline(held[key], linestyle=style, color="gray", label=f"held-out loss, {key}")
+            label = f"held-out loss, {who} (no steering)"
+            ax.axhline(held[key], linestyle=style, color="gray", label=label)
     kinds = ", ".join(
         f"{i['kind']} {i['trait']} {i['coefficient']:g}" for i in record.get("interventions", [])
     )
     ax.set(xlabel="optimiser step", ylabel="loss", title=f"training: {kinds or 'plain LoRA'}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path)
 
 
 def plot_shift(per_layer: Sequence[float], at_layer: int | None, title: str, path: Path) -> Path:
@@ -59,9 +64,4 @@ def plot_shift(per_layer: Sequence[float], at_layer: int | None, title: str, pat
     if at_layer is not None:
         ax.axvline(at_layer, color="tab:red", linestyle="--", label=f"vector layer {at_layer}")
     ax.set(xlabel="layer position", ylabel="projection of the activation shift", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path)
