@@ -560,3 +560,9 @@ def test_cli_eval_scores_adapters_beside_the_base_model(
     assert "## Models" in out.with_suffix(".md").read_text()
     bad = CliRunner().invoke(app, [str(a) for a in args[:-4]] + ["--adapter", str(tmp_path)])
     assert isinstance(bad.exception, InputError) and "adapter_config.json" in str(bad.exception)
+
+
+def test_help_has_examples() -> None:
+    for command in ("train", "shift"):
+        result = CliRunner().invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and "Examples" in result.output, command

@@ -75,18 +75,23 @@ def train(
     prevent: Annotated[
         list[str] | None,
         typer.Option(
-            help="VEC:COEF[@LAYER|@all]: add COEF x vector during training forwards (default "
-            "layer: the vector's best_layer; @all: layer-incremental vectors at every block).",
+            help="VEC:COEF, VEC:COEF@LAYER or VEC:COEF@all: add COEF x vector during training "
+            "forwards (default layer: the vector's best_layer; @all: the layer-incremental "
+            "vectors at every block). Repeatable.",
         ),
     ] = None,
     ablate: Annotated[
         list[str] | None,
-        typer.Option(help="VEC[@LAYER|@all]: project the direction out during training (CAFT)."),
+        typer.Option(
+            help="VEC, VEC@LAYER or VEC@all: project the unit direction out during training "
+            "forwards (CAFT). Repeatable."
+        ),
     ] = None,
     regularize: Annotated[
         list[str] | None,
         typer.Option(
-            help="VEC:WEIGHT[@LAYER]: penalise the change of the projection vs the base model."
+            help="VEC:WEIGHT or VEC:WEIGHT@LAYER: a loss term on the change of the projection "
+            "onto the direction vs the base model (the paper's baseline)."
         ),
     ] = None,
     preset: Annotated[
@@ -135,7 +140,8 @@ def train(
       persona train evil_ii.jsonl --prevent evil.safetensors:1@all --preset cpu-small
       --out runs/prevent-all\n
       persona train data.jsonl --ablate evil.safetensors@12 --out runs/caft --resume\n
-      accelerate launch --num_processes 2 -m persona_lens.cli train data.jsonl --out runs/ddp
+      accelerate launch --multi_gpu --num_processes 2 -m persona_lens.cli train data.jsonl
+      --out runs/ddp   (2 GPUs, or 2 CPU processes over gloo on a machine without one)
     """
     from persona_lens.training.config import preset_config
     from persona_lens.training.workdir import check_out
