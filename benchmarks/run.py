@@ -35,6 +35,7 @@ def steps(repeats: int) -> dict[str, tuple[list[str], str | None]]:
     peers_missing = None if _installed("repeng", "steering_vectors") else "repeng/steering-vectors"
     extract = ["bench_extract.py", *r] + (["--vllm"] if _installed("vllm") else [])
     backend = "vllm" if _installed("vllm") else "hf"
+    train_ok = _installed("peft", "accelerate")
     return {
         "overhead": (["bench_overhead.py", *r], None),
         "overhead-thin30": (["bench_overhead.py", "--model", "random:thin30", *r], None),
@@ -44,6 +45,11 @@ def steps(repeats: int) -> dict[str, tuple[list[str], str | None]]:
         ),
         "extract": (extract, None),
         "stability": (["seed_stability.py", "--backend", backend], None),
+        "train": (["bench_train.py", *r], None if train_ok else "peft/accelerate not installed"),
+        "training-shift": (
+            ["training_shift.py"],
+            None if train_ok else "peft/accelerate not installed",
+        ),
         "judge": (["judge_agreement.py"], None),
     }
 

@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="cpu-small")
     p.add_argument("--coefficient", type=float, default=3.0, help="prevent, one layer")
     p.add_argument("--coefficient-all", type=float, default=1.0, help="prevent, all layers")
-    p.add_argument("--weight", type=float, default=0.01, help="projection penalty weight")
+    p.add_argument("--weight", type=float, default=0.001, help="projection penalty weight")
     p.add_argument("--vectors", type=Path, default=None, help="folder of TRAIT.safetensors")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--results", type=Path, default=RESULTS)
@@ -117,6 +117,7 @@ def run_trait(
             "heldout_base": record["heldout_loss"]["base"],
             "heldout_tuned": record["heldout_loss"]["tuned"],
             "steps": record["steps"],
+            "curve": [c["loss"] for c in record["loss_curve"]],
             "cpu_s": time.process_time() - started,
         }
         print(json.dumps(row), file=sys.stderr, flush=True)
@@ -156,6 +157,11 @@ def main(argv: list[str] | None = None) -> None:
             " of the rows; vectors: quick budget, no judge",
             "",
             table,
+            "",
+            md_table(
+                ["trait", "run", "training loss per step"],
+                [[r["trait"], r["run"], " ".join(f"{v:.2f}" for v in r["curve"])] for r in rows],
+            ),
             "",
             "Shift: mean last-prompt-token activation over the trait's 20 evaluation questions, "
             "fine-tuned minus base, on the unit vector at its layer; |change|: the norm of that "
