@@ -129,9 +129,7 @@ def train(
         state.wait_for_everyone()
         record: dict[str, Any] = {}
         if state.is_main_process:
-            record = _finish(
-                loaded, peft_model, trainer, dataset, identity, train_rows, held_rows, work
-            )
+            record = _finish(loaded, peft_model, trainer, dataset, identity, train_rows, held_rows)
             record["resumed_from_step"] = int(checkpoint.name.split("-")[1]) if checkpoint else None
             record["duration_s"] = round(time.time() - started, 1)
             _write_outputs(work / "final", peft_model, trainer, record)
@@ -243,7 +241,6 @@ def _finish(
     identity: dict[str, Any],
     train_rows: list[Example],
     held_rows: list[Example],
-    work: Path,
 ) -> dict[str, Any]:
     """The training record: identity, data, steps, loss curve, held-out losses, versions."""
     pad_id = int(loaded.tokenizer.pad_token_id or 0)

@@ -12,6 +12,7 @@ disabled and adds its term to the loss.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -81,6 +82,8 @@ class SteeredTrainer(Trainer):
     def _base_projections(self, inputs: dict[str, Any]) -> dict[tuple[int, int], torch.Tensor]:
         peft_model = self.accelerator.unwrap_model(self.model)
         kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        if "logits_to_keep" in inspect.signature(peft_model.get_base_model().forward).parameters:
+            kwargs["logits_to_keep"] = 1  # only block outputs are wanted, not [B, T, vocab]
         return self.penalty.reference(lambda: peft_model(**kwargs), peft_model.disable_adapter())
 
     def _penalty_scale(self, num_items_in_batch: torch.Tensor | int | None) -> float:
