@@ -49,6 +49,14 @@ _EXPORTS: dict[str, str] = {
     "GuardSpec": "persona_lens.monitoring.guard",
     "guard": "persona_lens.monitoring.guard",
     "generate_guarded": "persona_lens.monitoring.guard",
+    # fine-tuning with preventative steering
+    "train": "persona_lens.training.run",
+    "TrainResult": "persona_lens.training.run",
+    "TrainConfig": "persona_lens.training.config",
+    "preset_config": "persona_lens.training.config",
+    "Intervention": "persona_lens.training.interventions",
+    "finetuning_shift": "persona_lens.training.shift",
+    "FinetuningShift": "persona_lens.training.shift",
     # errors
     "PersonaLensError": "persona_lens.core.errors",
 }
@@ -59,14 +67,18 @@ __all__ = [
     "CaptureResult",
     "ExtractionOptions",
     "ExtractionResult",
+    "FinetuningShift",
     "Generation",
     "GuardSpec",
+    "Intervention",
     "LoadedModel",
     "Monitor",
     "PersonaLensError",
     "PersonaVector",
     "SteeringHandle",
     "SteeringSpec",
+    "TrainConfig",
+    "TrainResult",
     "TraitDefinition",
     "__version__",
     "capture_forward",
@@ -74,6 +86,7 @@ __all__ = [
     "cosine_similarity",
     "extract",
     "find_blocks",
+    "finetuning_shift",
     "generate",
     "generate_guarded",
     "generate_trait",
@@ -81,7 +94,9 @@ __all__ = [
     "load_judge",
     "load_model",
     "load_trait",
+    "preset_config",
     "steer",
+    "train",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}
 
@@ -116,5 +131,9 @@ if TYPE_CHECKING:
     from persona_lens.extraction.extract import ExtractionOptions, ExtractionResult, extract
     from persona_lens.judges.specs import load_judge
     from persona_lens.monitoring.guard import GuardSpec, generate_guarded, guard
+    from persona_lens.training.config import TrainConfig, preset_config
+    from persona_lens.training.interventions import Intervention
+    from persona_lens.training.run import TrainResult, train
+    from persona_lens.training.shift import FinetuningShift, finetuning_shift
     from persona_lens.traits.definitions import TraitDefinition, load_trait
     from persona_lens.traits.generator import generate_trait
