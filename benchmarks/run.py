@@ -36,6 +36,7 @@ def steps(repeats: int) -> dict[str, tuple[list[str], str | None]]:
     extract = ["bench_extract.py", *r] + (["--vllm"] if _installed("vllm") else [])
     backend = "vllm" if _installed("vllm") else "hf"
     screen_parts = "throughput,ray" if _installed("ray") else "throughput"
+    train_ok = _installed("peft", "accelerate")
     return {
         "overhead": (["bench_overhead.py", *r], None),
         "overhead-thin30": (["bench_overhead.py", "--model", "random:thin30", *r], None),
@@ -52,6 +53,11 @@ def steps(repeats: int) -> dict[str, tuple[list[str], str | None]]:
         ),
         "screen-memory": (["bench_screen.py", "--parts", "memory"], None),
         "screen-seeds": (["bench_screen.py", "--parts", "seeds"], None),
+        "train": (["bench_train.py", *r], None if train_ok else "peft/accelerate not installed"),
+        "training-shift": (
+            ["training_shift.py"],
+            None if train_ok else "peft/accelerate not installed",
+        ),
         "judge": (["judge_agreement.py"], None),
     }
 

@@ -24,6 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "extraction": {"core", "interop", "traits", "judges"},
     "monitoring": {"core", "interop", "traits", "judges", "extraction"},
     "screening": {"core", "interop", "traits", "judges", "extraction"},
+    "training": {"core", "interop", "traits", "judges", "extraction", "monitoring", "screening"},
     "demo": {"core", "interop", "traits", "judges", "extraction", "monitoring", "screening"},
     "cli": {"*"},
     "__init__": {"core"},  # plus lazy, type-checking-only imports of the public API

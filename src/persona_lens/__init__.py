@@ -54,6 +54,14 @@ _EXPORTS: dict[str, str] = {
     "GuardSpec": "persona_lens.monitoring.guard",
     "guard": "persona_lens.monitoring.guard",
     "generate_guarded": "persona_lens.monitoring.guard",
+    # fine-tuning with preventative steering
+    "train": "persona_lens.training.run",
+    "TrainResult": "persona_lens.training.run",
+    "TrainConfig": "persona_lens.training.config",
+    "preset_config": "persona_lens.training.config",
+    "Intervention": "persona_lens.training.interventions",
+    "finetuning_shift": "persona_lens.training.shift",
+    "FinetuningShift": "persona_lens.training.shift",
     # errors
     "PersonaLensError": "persona_lens.core.errors",
 }
@@ -64,8 +72,10 @@ __all__ = [
     "CaptureResult",
     "ExtractionOptions",
     "ExtractionResult",
+    "FinetuningShift",
     "Generation",
     "GuardSpec",
+    "Intervention",
     "LoadedModel",
     "Monitor",
     "PersonaLensError",
@@ -74,6 +84,8 @@ __all__ = [
     "ScreenSummary",
     "SteeringHandle",
     "SteeringSpec",
+    "TrainConfig",
+    "TrainResult",
     "TraitDefinition",
     "__version__",
     "capture_forward",
@@ -81,6 +93,7 @@ __all__ = [
     "cosine_similarity",
     "extract",
     "find_blocks",
+    "finetuning_shift",
     "generate",
     "generate_guarded",
     "generate_trait",
@@ -88,9 +101,11 @@ __all__ = [
     "load_judge",
     "load_model",
     "load_trait",
+    "preset_config",
     "screen",
     "steer",
     "synthetic_dataset",
+    "train",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}
 
@@ -128,5 +143,9 @@ if TYPE_CHECKING:
     from persona_lens.screening.results import ScreenResult, ScreenSummary
     from persona_lens.screening.screen import screen
     from persona_lens.screening.synthetic import synthetic_dataset
+    from persona_lens.training.config import TrainConfig, preset_config
+    from persona_lens.training.interventions import Intervention
+    from persona_lens.training.run import TrainResult, train
+    from persona_lens.training.shift import FinetuningShift, finetuning_shift
     from persona_lens.traits.definitions import TraitDefinition, load_trait
     from persona_lens.traits.generator import generate_trait

@@ -28,6 +28,8 @@ from persona_lens.cli import (  # noqa: F401
     info,
     monitor,
     screen,
+    shift,
+    train,
     view,
 )
 from persona_lens.cli.app import app

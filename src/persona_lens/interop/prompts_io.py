@@ -324,9 +324,9 @@ def parse_vector_ref(text: str, option: str = "--monitor") -> VectorRef:
     return VectorRef(Path(path), layers)
 
 
-def parse_steer(text: str) -> SteerArg:
-    """Parse ``VEC:COEF[@LAYER]``; a negative coefficient suppresses the trait."""
-    option = "--steer"
+def parse_steer(text: str, option: str = "--steer") -> SteerArg:
+    """Parse ``VEC:COEF[@LAYER]``; a negative coefficient suppresses the trait. ``option``
+    names the flag in error messages (``--prevent`` and ``--regularize`` share the form)."""
     rest, layers = _split_layer(text.strip(), option)
     path, sep, coef_text = rest.rpartition(":")
     if not sep or not path:

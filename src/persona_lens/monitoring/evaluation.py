@@ -296,8 +296,18 @@ def run_conditions(
 
 # --- the eval command's report ----------------------------------------------------------------
 @dataclass
+class ModelResult:
+    """Another version of the model (e.g. a fine-tuned adapter) under the same conditions."""
+
+    name: str
+    baseline: ConditionResult
+    steered: ConditionResult | None = None
+
+
+@dataclass
 class EvalReport:
-    """Baseline (no steering), steered (all --steer specs) and sweep results."""
+    """Baseline (no steering), steered (all --steer specs) and sweep results, and the same
+    baseline/steered conditions for other versions of the model (``models``)."""
 
     trait: str
     baseline: ConditionResult
@@ -306,6 +316,7 @@ class EvalReport:
     sweep_vector: str | None = None
     sweep_layer: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    models: list[ModelResult] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         samples = []
@@ -318,6 +329,12 @@ class EvalReport:
                     continue
                 seen.add(id(s))
                 samples.append({"condition": result.condition.name, **s.__dict__})
+        for model in self.models:
+            for result in (model.baseline, *([model.steered] if model.steered else [])):
+                samples += [
+                    {"model": model.name, "condition": result.condition.name, **s.__dict__}
+                    for s in result.samples
+                ]
         return {
             "trait": self.trait,
             **self.metadata,
@@ -332,6 +349,14 @@ class EvalReport:
                 if self.sweep
                 else None
             ),
+            "models": [
+                {
+                    "name": m.name,
+                    "baseline": m.baseline.summary(),
+                    "steered": m.steered.summary() if m.steered else None,
+                }
+                for m in self.models
+            ],
             "samples": samples,
         }
 
@@ -347,6 +372,19 @@ class EvalReport:
         ]
         for result in [self.baseline, *([self.steered] if self.steered else [])]:
             lines.append(_row(result.condition.name, result))
+        if self.models:
+            lines += [
+                "",
+                "## Models",
+                "",
+                "| model | condition | trait score | coherence | n | refusals |",
+                "|---|---|---|---|---|---|",
+            ]
+            rows = [("base", self.baseline, self.steered)]
+            rows += [(m.name, m.baseline, m.steered) for m in self.models]
+            for name, baseline, steered in rows:
+                for result in (baseline, *([steered] if steered else [])):
+                    lines.append(f"| {name} " + _row(result.condition.name, result))
         if self.sweep:
             lines += [
                 "",
