@@ -23,6 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "judges": {"core", "interop", "traits"},
     "extraction": {"core", "interop", "traits", "judges"},
     "monitoring": {"core", "interop", "traits", "judges", "extraction"},
+    "serving": {"core", "interop", "traits", "judges", "extraction", "monitoring"},
     "demo": {"core", "interop", "traits", "judges", "extraction", "monitoring"},
     "cli": {"*"},
     "__init__": {"core"},  # plus lazy, type-checking-only imports of the public API

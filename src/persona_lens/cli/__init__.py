@@ -18,6 +18,7 @@ from persona_lens.cli import (  # noqa: F401
     generate,
     info,
     monitor,
+    serve,
     view,
 )
 from persona_lens.cli.app import app

@@ -1,0 +1,66 @@
+"""Choosing each row's next token: greedy or seeded sampling (temperature, top-p), with the
+log-probabilities OpenAI clients can ask for.
+
+Every row samples from its own logits with its own generator, so a row's tokens never depend
+on which other requests share its batch. Log-probabilities are those of the model's raw
+distribution (before temperature and top-p), as OpenAI reports them.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+
+from persona_lens.serving.resolve import Sampling
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One chosen token with its log-probability and the most likely alternatives."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class RowSampler:
+    """Draws the tokens of one request."""
+
+    sampling: Sampling
+    generator: torch.Generator | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if not self.sampling.greedy:
+            seed = self.sampling.seed if self.sampling.seed is not None else secrets.randbits(63)
+            self.generator = torch.Generator().manual_seed(seed % (1 << 63))
+
+    def choose(self, logits: torch.Tensor) -> Choice:
+        """The next token from one row's logits [V] (float32, on the CPU)."""
+        sampling = self.sampling
+        if sampling.greedy:
+            token = int(torch.argmax(logits))
+        else:
+            token = _sample(logits, sampling.temperature, sampling.top_p, self.generator)
+        if not sampling.logprobs:
+            return Choice(token, float("nan"))
+        logprobs = torch.log_softmax(logits, dim=-1)
+        top: tuple[tuple[int, float], ...] = ()
+        if sampling.top_logprobs:
+            values, indices = torch.topk(logprobs, sampling.top_logprobs)
+            top = tuple(zip(indices.tolist(), values.tolist(), strict=True))
+        return Choice(token, float(logprobs[token]), top)
+
+
+def _sample(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int:
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        sorted_probs = torch.where(before < top_p, sorted_probs, torch.zeros_like(sorted_probs))
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
