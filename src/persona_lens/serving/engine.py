@@ -56,6 +56,8 @@ from persona_lens.serving.vectors import VectorLibrary
 log = logging.getLogger("persona_lens.serving")
 
 _CACHE_KWARGS = ("cache", "past_key_values", "cache_params", "state")
+COHORT_GATHER_S = 0.02
+"""How long a cohort waits, after its first request, for others arriving with it."""
 
 
 # --- what flows back to the HTTP handler --------------------------------------------------
@@ -291,9 +293,14 @@ class Engine:
         batch = self._batch
         if batch.rows and not self.continuous:
             return  # a cohort runs to its end
+        gathered = False
         new: list[_Row] = []
         while len(batch.live) + len(new) < self.settings.max_batch:
             ticket = self._take(block=not batch.live and not new)
+            if ticket is None and new and not self.continuous and not gathered:
+                time.sleep(COHORT_GATHER_S)  # let requests that arrive together start together
+                gathered = True
+                continue
             if ticket is None:
                 break
             row = self._prepare(ticket)

@@ -49,19 +49,37 @@ _CODES = {
 }
 
 
+_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
+def _is_tag(part: str) -> bool:
+    """A union member's tag in a pydantic error location (``list[str]``, ``literal[...]``)."""
+    return part in _TAGS or "[" in part or part.startswith(("function-", "constrained-"))
+
+
 def _location(loc: Sequence[Any]) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
+    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and _is_tag(p))]
     dotted = ""
     for part in parts:
         dotted += f"[{part}]" if part.isdigit() else (f".{part}" if dotted else part)
     return dotted or None
 
 
+def _rank(error: Any) -> int:
+    """Which error to report first: an unknown key (likely a typo, the cause of the rest),
+    then a broken constraint, then a wrong type (a union reports one per member)."""
+    kind = str(error.get("type", "")) if isinstance(error, dict) else ""
+    if kind == "extra_forbidden":
+        return 0
+    return 2 if kind.endswith("_type") or kind in ("literal_error", "union_tag_invalid") else 1
+
+
 def from_validation(errors: Sequence[Any]) -> APIError:
     """The first validation error as a 400 (``param`` is the dotted field path)."""
     if not errors:
         return bad_request("invalid request")
-    first = errors[0] if isinstance(errors[0], dict) else {"msg": str(errors[0])}
+    ranked = sorted(errors, key=_rank)
+    first = ranked[0] if isinstance(ranked[0], dict) else {"msg": str(ranked[0])}
     param = _location(first.get("loc", ()))
     kind = str(first.get("type", ""))
     message = str(first.get("msg", "invalid value"))
