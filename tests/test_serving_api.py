@@ -657,7 +657,15 @@ def test_cohort_batching_on_a_sliding_window_model() -> None:
 class _Pieces:
     """A tokenizer whose tokens are given strings (token 9 is half of a two-byte character)."""
 
-    table: ClassVar[dict[int, str]] = {1: "Hel", 2: "lo", 3: " wo", 4: "rld", 5: "!", 9: "\xc3", 10: "\xa9"}
+    table: ClassVar[dict[int, str]] = {
+        1: "Hel",
+        2: "lo",
+        3: " wo",
+        4: "rld",
+        5: "!",
+        9: "\xc3",
+        10: "\xa9",
+    }
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         raw = "".join(self.table[i] for i in ids).encode("latin-1")
