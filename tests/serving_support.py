@@ -156,3 +156,25 @@ def compare_greedy(
 
 def max_abs(values: Sequence[float]) -> float:
     return max(abs(v) for v in values)
+
+
+def embedded_with_vectors(folder: Path) -> LoadedModel:
+    """A fresh embedded model (the server's engine will own it) and, in ``folder``, crude
+    ``humorous`` and ``evil`` vectors (best layer 15) and ``control``, a random direction
+    with humorous's norm at every layer."""
+    from persona_lens.core.models import load_model
+    from tests.crude_vector import crude_vector
+
+    loaded = load_model("embedded")
+    folder.mkdir(parents=True, exist_ok=True)
+    humorous = crude_vector(loaded, "humorous")
+    humorous.save(folder / "humorous.safetensors")
+    crude_vector(loaded, "evil").save(folder / "evil.safetensors")
+    matched_random(humorous, "control", seed=0).save(folder / "control.safetensors")
+    return loaded
+
+
+def steps_with_at_least(stats: dict[str, Any], rows: int) -> int:
+    """Decoding steps that ran with ``rows`` or more rows (``rows_per_step`` keys are JSON
+    strings over HTTP, ints in process)."""
+    return sum(n for k, n in stats["rows_per_step"].items() if int(k) >= rows)

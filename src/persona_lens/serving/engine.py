@@ -203,6 +203,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stats = {"forwards": 0, "decode_steps": 0, "max_rows": 0, "requests": 0}
         self._stats.update({"finished": 0, "cancelled": 0, "timeouts": 0, "errors": 0})
+        self._rows_per_step: dict[int, int] = {}
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -241,6 +242,7 @@ class Engine:
         batch = self._batch
         return {
             **self._stats,
+            "rows_per_step": dict(sorted(self._rows_per_step.items())),
             "mode": "continuous" if self.continuous else "cohort",
             "active_rows": len(batch.live),
             "waiting": self._queue.qsize(),
@@ -328,7 +330,8 @@ class Engine:
             ticket.sink.put(Failed(exc))
             return None
         except Exception as exc:  # a template or tokenizer failure on this input
-            ticket.sink.put(Failed(bad_request(f"cannot render the prompt: {exc}", "messages")))
+            param = "messages" if job.kind == "chat" else "prompt"
+            ticket.sink.put(Failed(bad_request(f"cannot tokenize the prompt: {exc}", param)))
             return None
         row = _Row(
             ticket, ids, RowSampler(job.sampling), ReplyText(self.tokenizer, job.sampling.stop)
@@ -449,23 +452,23 @@ class Engine:
         try:
             with self._hooks(rows, decoding=False) as probe:
                 out = self._forward(ids, mask, None)
-        except Exception as exc:
+            values = {name: v.float().cpu() for name, v in probe.values.items()}
+            logits = out.logits[:, -1].float().cpu()
+            for b, row in enumerate(rows):
+                prompt = {n: v[b, width - len(row.prompt_ids) :] for n, v in values.items()}
+                self._start_row(row, prompt)
+                row.pending = row.sampler.choose(logits[b])
+                if row.pending.token in self.eos:
+                    self._finish(row, "stop")
+        except Exception as exc:  # a server error on these prompts: they fail, the rest go on
             log.exception("prompt forward failed")
+            self._stats["errors"] += 1
             for row in rows:
-                row.ticket.sink.put(Failed(_server_error(exc)))
+                if not row.done:
+                    row.ticket.sink.put(Failed(_server_error(exc)))
+                    row.done = True
             return
-        values = {name: v.float().cpu() for name, v in probe.values.items()}
-        logits = out.logits[:, -1].float().cpu()
-        joined = []
-        for b, row in enumerate(rows):
-            self._start_row(
-                row, {n: v[b, width - len(row.prompt_ids) :] for n, v in values.items()}
-            )
-            row.pending = row.sampler.choose(logits[b])
-            if row.pending.token in self.eos:
-                self._finish(row, "stop")
-            joined.append(row)
-        self._join(joined, self._cache_of(out), mask)
+        self._join(rows, self._cache_of(out), mask)
 
     def _start_row(self, row: _Row, values: dict[str, torch.Tensor]) -> None:
         names = row.job.monitor_names
@@ -523,7 +526,9 @@ class Engine:
             out = self._forward(ids, mask, batch.cache)
         batch.mask, batch.cache = mask, self._cache_of(out)
         self._stats["decode_steps"] += 1
-        self._stats["max_rows"] = max(self._stats["max_rows"], len(batch.live))
+        live = len(batch.live)
+        self._stats["max_rows"] = max(self._stats["max_rows"], live)
+        self._rows_per_step[live] = self._rows_per_step.get(live, 0) + 1
         values = {name: v.float().cpu().tolist() for name, v in probe.values.items()}
         crossings = [
             (g.name, g.crossed.cpu().tolist(), g.value.cpu().tolist(), g)
@@ -532,8 +537,15 @@ class Engine:
         ]
         logits = out.logits[:, -1].float().cpu()
         for b, row in enumerate(rows):
-            if not row.done:
+            if row.done:
+                continue
+            try:
                 self._advance(row, b, values, crossings, logits[b])
+            except Exception as exc:  # this row fails; the others go on
+                log.exception("decoding a row failed")
+                self._stats["errors"] += 1
+                row.ticket.sink.put(Failed(_server_error(exc)))
+                row.done = True
         self._compact()
 
     def _advance(

@@ -16,6 +16,10 @@ import torch
 from persona_lens.serving.resolve import Sampling
 
 
+MIN_TEMPERATURE = 1e-4
+"""Below this, sampling is greedy (dividing logits by a tinier temperature overflows)."""
+
+
 @dataclass(frozen=True)
 class Choice:
     """One chosen token with its log-probability and the most likely alternatives."""
@@ -33,14 +37,14 @@ class RowSampler:
     generator: torch.Generator | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        if not self.sampling.greedy:
+        if self.sampling.temperature >= MIN_TEMPERATURE:
             seed = self.sampling.seed if self.sampling.seed is not None else secrets.randbits(63)
             self.generator = torch.Generator().manual_seed(seed % (1 << 63))
 
     def choose(self, logits: torch.Tensor) -> Choice:
         """The next token from one row's logits [V] (float32, on the CPU)."""
         sampling = self.sampling
-        if sampling.greedy:
+        if sampling.temperature < MIN_TEMPERATURE:  # 0, or so close that it is greedy
             token = int(torch.argmax(logits))
         else:
             token = _sample(logits, sampling.temperature, sampling.top_p, self.generator)
@@ -49,7 +53,7 @@ class RowSampler:
         logprobs = torch.log_softmax(logits, dim=-1)
         top: tuple[tuple[int, float], ...] = ()
         if sampling.top_logprobs:
-            values, indices = torch.topk(logprobs, sampling.top_logprobs)
+            values, indices = torch.topk(logprobs, min(sampling.top_logprobs, logprobs.numel()))
             top = tuple(zip(indices.tolist(), values.tolist(), strict=True))
         return Choice(token, float(logprobs[token]), top)
 
@@ -61,6 +65,8 @@ def _sample(
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        sorted_probs = torch.where(before < top_p, sorted_probs, torch.zeros_like(sorted_probs))
+        keep = before < top_p
+        keep[0] = True  # the likeliest token always stays (a top_p that rounds to 0 included)
+        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
