@@ -15,7 +15,6 @@ import torch
 
 from persona_lens.serving.resolve import Sampling
 
-
 MIN_TEMPERATURE = 1e-4
 """Below this, sampling is greedy (dividing logits by a tinier temperature overflows)."""
 
