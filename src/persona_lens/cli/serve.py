@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import signal
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -80,6 +82,7 @@ def serve(
         )
     import torch
     import uvicorn
+    from transformers.utils import logging as transformers_logging
 
     from persona_lens.core.models import load_model
     from persona_lens.serving.server import build_app
@@ -102,31 +105,69 @@ def serve(
     folder = vectors if vectors is not None else DEFAULT_VECTORS
     if vectors is not None and not folder.is_dir():
         raise InputError(f"--vectors {folder}: no such folder")
-    with console.status(f"loading {model} ..."):
-        loaded = load_model(model, device=device, dtype=dtype)
-        if folder.is_dir():
-            library = VectorLibrary.load(folder, loaded.layout, loaded.fingerprint)
-        else:
-            library = VectorLibrary([], None)
-        server_app, engine = build_app(loaded, library, settings)
+    sock = listening_socket(host, port)  # before the model loads: a busy port fails at once
+    try:
+        transformers_logging.disable_progress_bar()  # the status line says what happens
+        with console.status(f"loading {model} ..."):
+            loaded = load_model(model, device=device, dtype=dtype)
+            library = (
+                VectorLibrary.load(folder, loaded.layout, loaded.fingerprint)
+                if folder.is_dir()
+                else VectorLibrary([], None)
+            )
+            server_app, engine = build_app(loaded, library, settings)
+    except BaseException:
+        sock.close()
+        raise
     if not folder.is_dir():
         console.print(
             f"no vector folder {folder}/ (persona extract TRAIT writes vectors/TRAIT.safetensors):"
             " serving without steering or monitoring",
             markup=False,
+            soft_wrap=True,
         )
     elif not len(library):
         console.print(f"no *.safetensors in {folder}/: serving without steering", markup=False)
     else:
         names = ", ".join(library.names)
-        console.print(f"vectors from {folder}/: {names}", markup=False)
+        console.print(f"vectors from {folder}/: {names}", markup=False, soft_wrap=True)
+    bound = sock.getsockname()[1]
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
     console.print(
-        f"serving {loaded.name} on http://{shown}:{port} (web page /, API /v1, docs /docs)"
+        f"serving {loaded.name} on http://{shown}:{bound} (web page /, API /v1, docs /docs)"
         + ("; API key required" if api_key else ""),
         markup=False,
+        soft_wrap=True,
     )
+    server = uvicorn.Server(uvicorn.Config(server_app, log_level="warning", lifespan="off"))
+    # uvicorn finishes open requests on Ctrl-C / SIGTERM, then raises the signal again: both end
+    # the command quietly with exit code 0
+    previous = signal.signal(signal.SIGTERM, _exit_quietly)
     try:
-        uvicorn.run(server_app, host=host, port=port, log_level="warning")
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
     finally:
         engine.stop()
+        sock.close()
+        signal.signal(signal.SIGTERM, previous)
+    console.print("stopped", markup=False)
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (port 0: a free one); InputError if it cannot be."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(128)
+    return sock

@@ -73,10 +73,6 @@ class Sampling:
     logprobs: bool = False
     top_logprobs: int = 0
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
 
 @dataclass(frozen=True)
 class GenerationJob:
