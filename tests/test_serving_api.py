@@ -714,3 +714,21 @@ def test_vector_names_and_start_up_refusal(tmp_path: Path, tiny_dir: tuple[Path,
     mine = load_model(str(tiny_dir[0]))
     with pytest.raises(VectorMismatchError, match=r"evil\.safetensors"):
         VectorLibrary.load(folder, mine.layout, mine.fingerprint)
+
+
+def test_min_tokens_masks_the_end_of_sequence(tmp_path: Path) -> None:
+    loaded = load_tiny(tmp_path / "eager", seed=0)[0]  # this seed ends every reply at once
+    with serve(loaded, max_tokens=8) as served:
+        url = f"{served.url}/v1/chat/completions"
+        body = {"model": served.model, "messages": HELLO, "temperature": 0, "max_tokens": 5}
+        plain = httpx.post(url, json=body).json()
+        held = httpx.post(url, json={**body, "min_tokens": 5}).json()
+        bad = httpx.post(url, json={**body, "min_tokens": 6})
+    assert (
+        plain["usage"]["completion_tokens"] == 0 and plain["choices"][0]["finish_reason"] == "stop"
+    )
+    assert (
+        held["usage"]["completion_tokens"] == 5 and held["choices"][0]["finish_reason"] == "length"
+    )
+    assert bad.status_code == 400
+    assert_error_shape(bad.json(), "invalid_value", "min_tokens")

@@ -457,7 +457,7 @@ class Engine:
             for b, row in enumerate(rows):
                 prompt = {n: v[b, width - len(row.prompt_ids) :] for n, v in values.items()}
                 self._start_row(row, prompt)
-                row.pending = row.sampler.choose(logits[b])
+                row.pending = row.sampler.choose(logits[b], self._banned(row))
                 if row.pending.token in self.eos:
                     self._finish(row, "stop")
         except Exception as exc:  # a server error on these prompts: they fail, the rest go on
@@ -593,9 +593,13 @@ class Engine:
         elif row.generated >= row.job.sampling.max_tokens:
             self._finish(row, "length")
         else:
-            row.pending = row.sampler.choose(logits)
+            row.pending = row.sampler.choose(logits, self._banned(row))
             if row.pending.token in self.eos:
                 self._finish(row, "stop")
+
+    def _banned(self, row: _Row) -> list[int]:
+        """End-of-sequence ids while the row has chosen fewer than ``min_tokens`` tokens."""
+        return sorted(self.eos) if row.generated < row.job.sampling.min_tokens else []
 
     def _token_text(self, token: int) -> str:
         return str(self.tokenizer.decode([token]))

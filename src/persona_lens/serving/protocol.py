@@ -102,7 +102,8 @@ def _unsupported(what: str = "not supported by this server") -> PydanticCustomEr
 
 
 class GenerationRequest(_Strict):
-    """Parameters shared by chat and text completions."""
+    """Parameters shared by chat and text completions. ``min_tokens`` (as in vLLM) keeps the
+    reply from ending before that many tokens (end-of-sequence is masked until then)."""
 
     model: str
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -117,6 +118,7 @@ class GenerationRequest(_Strict):
     frequency_penalty: FiniteFloat | None = None
     user: str | None = None
     logit_bias: dict[str, Any] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
     persona: PersonaOptions | None = None
 
     @field_validator(*_UNSUPPORTED_COMMON)

@@ -66,6 +66,7 @@ class Sampling:
     """How one request's tokens are chosen and when its reply stops."""
 
     max_tokens: int
+    min_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
@@ -160,8 +161,14 @@ class Resolver:
                 f"{param} is {max_tokens}; this server allows at most {self.settings.max_tokens}",
                 param,
             )
+        min_tokens = request.min_tokens or 0
+        if min_tokens > max_tokens:
+            raise bad_request(
+                f"min_tokens ({min_tokens}) exceeds {param} ({max_tokens})", "min_tokens"
+            )
         return Sampling(
             max_tokens=max_tokens,
+            min_tokens=min_tokens,
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
             seed=request.seed,

@@ -9,6 +9,7 @@ distribution (before temperature and top-p), as OpenAI reports them.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -40,9 +41,13 @@ class RowSampler:
             seed = self.sampling.seed if self.sampling.seed is not None else secrets.randbits(63)
             self.generator = torch.Generator().manual_seed(seed % (1 << 63))
 
-    def choose(self, logits: torch.Tensor) -> Choice:
-        """The next token from one row's logits [V] (float32, on the CPU)."""
+    def choose(self, logits: torch.Tensor, banned: Sequence[int] = ()) -> Choice:
+        """The next token from one row's logits [V] (float32, on the CPU); ``banned`` tokens
+        (end-of-sequence before ``min_tokens``) cannot be chosen."""
         sampling = self.sampling
+        if banned:
+            logits = logits.clone()
+            logits[list(banned)] = float("-inf")
         if sampling.temperature < MIN_TEMPERATURE:  # 0, or so close that it is greedy
             token = int(torch.argmax(logits))
         else:
