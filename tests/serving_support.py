@@ -123,14 +123,14 @@ def greedy_reply(response: Any) -> GreedyReply:
 
 def compare_greedy(
     together: GreedyReply, alone: GreedyReply, projection_tolerance: float
-) -> tuple[int, str]:
+) -> tuple[int, str, float]:
     """Compare a reply decoded in a batch with the same request decoded alone.
 
-    Returns (tokens compared, note). Tokens must be equal up to the end, or up to a step where
-    the reply alone had a near tie (float rounding differs between batch shapes on a CPU, so a
-    near tie may break either way); projections must agree within ``projection_tolerance``
-    over the compared tokens. Cross-talk (another row's steering leaking in) moves projections
-    by a coefficient times a vector norm, orders of magnitude above the tolerance.
+    Returns (tokens compared, note, largest projection difference). Tokens must be equal up to
+    the end, or up to a step where the reply alone had a near tie (float rounding differs
+    between batch shapes on a CPU, so a near tie may break either way). Projections must agree
+    within ``projection_tolerance`` over the compared tokens: cross-talk (another row's steering
+    leaking in) moves them by a coefficient times a vector norm, far above the tolerance.
     """
     n = min(len(together.tokens), len(alone.tokens))
     compared = n
@@ -145,13 +145,15 @@ def compare_greedy(
             break
     else:
         assert len(together.tokens) == len(alone.tokens), "one reply stopped earlier"
+    largest = 0.0
     for i in range(compared):  # a diverged token is fed differently, so is measured differently
         for name, value in alone.projections[i].items():
             other = together.projections[i][name]
             assert abs(other - value) <= projection_tolerance, (
                 f"token {i}: projection {name} {other} in the batch vs {value} alone"
             )
-    return compared, note
+            largest = max(largest, abs(other - value))
+    return compared, note, largest
 
 
 def max_abs(values: Sequence[float]) -> float:

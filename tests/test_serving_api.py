@@ -561,54 +561,48 @@ def test_timeouts(tiny_dir: tuple[Path, Path]) -> None:
 
 def test_a_client_that_disconnects_frees_its_slot(tiny_dir: tuple[Path, Path]) -> None:
     with slow_server(tiny_dir, 0.1) as served:
-        _disconnect_and_reuse(served)
-
-
-def _disconnect_and_reuse(slow_server: Any) -> None:
-    url = f"{slow_server.url}/v1/chat/completions"
-    body = {"model": slow_server.model, "messages": HELLO, "temperature": 0, "max_tokens": 16}
-    stats = lambda: httpx.get(f"{slow_server.url}/v1/persona/stats").json()  # noqa: E731
-    before = stats()
-    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=30) as s:
-        for count, _ in enumerate(line for line in s.iter_lines() if line.startswith("data: ")):
-            if count == 2:
-                break  # leaving the block closes the connection
-    limit = time.monotonic() + 5
-    while (now := stats())["cancelled"] == before["cancelled"] and time.monotonic() < limit:
-        time.sleep(0.05)
-    assert now["cancelled"] == before["cancelled"] + 1 and now["active_rows"] == 0
-    steps = now["decode_steps"] - before["decode_steps"]
-    assert steps < 16, f"the row ran {steps} steps: it was not dropped"
-    after = httpx.post(url, json={**body, "max_tokens": 2}, timeout=30)
-    assert after.status_code == 200  # the single slot is free again
+        base, model = served.url, served.model
+        url = f"{base}/v1/chat/completions"
+        body = {"model": model, "messages": HELLO, "temperature": 0, "max_tokens": 16}
+        stats = lambda: httpx.get(f"{base}/v1/persona/stats").json()  # noqa: E731
+        before = stats()
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=30) as s:
+            for count, _ in enumerate(line for line in s.iter_lines() if line.startswith("data: ")):
+                if count == 2:
+                    break  # leaving the block closes the connection
+        limit = time.monotonic() + 5
+        while (now := stats())["cancelled"] == before["cancelled"] and time.monotonic() < limit:
+            time.sleep(0.05)
+        assert now["cancelled"] == before["cancelled"] + 1 and now["active_rows"] == 0
+        steps = now["decode_steps"] - before["decode_steps"]
+        assert steps < 16, f"the row ran {steps} steps: it was not dropped"
+        after = httpx.post(url, json={**body, "max_tokens": 2}, timeout=30)
+        assert after.status_code == 200  # the single slot is free again
 
 
 def test_a_full_queue_answers_429(tiny_dir: tuple[Path, Path]) -> None:
     with slow_server(tiny_dir, 0.1) as served:
-        _fill_the_queue(served)
-
-
-def _fill_the_queue(slow_server: Any) -> None:
-    url = f"{slow_server.url}/v1/chat/completions"
-    body = {"model": slow_server.model, "messages": HELLO, "temperature": 0, "max_tokens": 12}
-    with (
-        ThreadPoolExecutor(2) as pool,
-        httpx.stream("POST", url, json={**body, "stream": True}, timeout=30) as s,
-    ):
-        lines = s.iter_lines()  # kept: closing this generator would close the connection
-        for line in lines:
-            if line.startswith("data: "):
-                break  # it runs
-        waiting = pool.submit(httpx.post, url, json={**body, "max_tokens": 1}, timeout=30)
-        limit = time.monotonic() + 5
-        while httpx.get(f"{slow_server.url}/v1/persona/stats").json()["waiting"] < 1:
-            assert time.monotonic() < limit
-            time.sleep(0.02)
-        full = httpx.post(url, json=body, timeout=30)
-        assert full.status_code == 429
-        assert_error_shape(full.json(), "queue_full")
-        s.close()
-        assert waiting.result().status_code in (200, 408)
+        base, model = served.url, served.model
+        url = f"{base}/v1/chat/completions"
+        body = {"model": model, "messages": HELLO, "temperature": 0, "max_tokens": 12}
+        with (
+            ThreadPoolExecutor(2) as pool,
+            httpx.stream("POST", url, json={**body, "stream": True}, timeout=30) as s,
+        ):
+            lines = s.iter_lines()  # kept: closing this generator would close the connection
+            for line in lines:
+                if line.startswith("data: "):
+                    break  # it runs
+            waiting = pool.submit(httpx.post, url, json={**body, "max_tokens": 1}, timeout=30)
+            limit = time.monotonic() + 5
+            while httpx.get(f"{base}/v1/persona/stats").json()["waiting"] < 1:
+                assert time.monotonic() < limit
+                time.sleep(0.02)
+            full = httpx.post(url, json=body, timeout=30)
+            assert full.status_code == 429
+            assert_error_shape(full.json(), "queue_full")
+            s.close()
+            assert waiting.result().status_code in (200, 408)
 
 
 # --- batching on a model whose cache cannot be merged ----------------------------------------
@@ -732,3 +726,24 @@ def test_min_tokens_masks_the_end_of_sequence(tmp_path: Path) -> None:
     )
     assert bad.status_code == 400
     assert_error_shape(bad.json(), "invalid_value", "min_tokens")
+
+
+def test_the_page_ships_as_package_data() -> None:
+    """A non-editable install carries the page: pyproject declares every file of static/."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    package = root / "src" / "persona_lens"
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["persona_lens"]
+    files = [p.relative_to(package).as_posix() for p in (package / "serving" / "static").iterdir()]
+    assert {
+        "serving/static/index.html",
+        "serving/static/app.js",
+        "serving/static/style.css",
+    } <= set(files)
+    for name in files:
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name
+    page = (package / "serving" / "static" / "index.html").read_text()
+    assert "http://" not in page and "https://" not in page  # nothing from a CDN

@@ -2,9 +2,11 @@
 the stream, and a web page (``persona serve``; extra ``[serve]``).
 
 ``vectors`` loads the vector folder (content hashes, model check); ``protocol`` holds the typed
-request models; ``resolve`` turns a request into an engine job (one place for validation);
-``engine`` is the single worker that owns the model and decodes every request in one batch
-(``kv`` merges KV caches, ``probe`` reads projections and runs guards, ``sampling`` and
-``detokenize`` handle each row's tokens); ``app`` is the FastAPI application, ``responses``
-builds the OpenAI-shaped bodies and ``errors`` the error shape; ``static/`` holds the page.
+request models and ``resolve`` checks them against the server's state (one place for
+validation; limits in ``settings``); ``engine`` is the single worker that owns the model and
+decodes every request as a row of one batch (``kv`` merges KV caches, ``probe`` reads
+projections and runs guards, ``sampling``, ``detokenize`` and ``turns`` handle each row's
+tokens, text and history); ``responses`` builds the OpenAI-shaped bodies, ``errors`` the error
+shape, ``app`` the FastAPI application and ``server`` puts them together; ``static/`` is the
+page.
 """

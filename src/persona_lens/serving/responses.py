@@ -10,24 +10,13 @@ prompt); the last one the reply's response-average projections and every guard e
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from typing import Any
 
+from persona_lens.interop.prompts_io import json_safe
 from persona_lens.serving.engine import Finished, Started, TokenOut
 from persona_lens.serving.resolve import GenerationJob
-
-
-def _clean(value: Any) -> Any:
-    """NaN and infinities become null (strict JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
 
 
 def _bytes(text: str) -> list[int]:
@@ -172,7 +161,7 @@ class Reply:
                 "logprobs": self._text_logprobs(self.tokens, 0),
                 "finish_reason": reason,
             }
-        return _clean(
+        return json_safe(
             {
                 "id": self.id,
                 "object": "chat.completion" if self.chat else "text_completion",
@@ -204,17 +193,17 @@ class Reply:
         """The stream chunk for ``event`` (after :meth:`add`)."""
         if isinstance(event, Started):
             choice = self._choice({"role": "assistant", "content": ""}, "", None, None)
-            return _clean(self._chunk(choice, self._start_persona()))
+            return json_safe(self._chunk(choice, self._start_persona()))
         if isinstance(event, TokenOut):
             offset = len(self.content) - len(event.content)
             logprobs = (
                 self._chat_logprobs([event]) if self.chat else self._text_logprobs([event], offset)
             )
             choice = self._choice({"content": event.content}, event.content, logprobs, None)
-            return _clean(self._chunk(choice, self._token_persona(event)))
+            return json_safe(self._chunk(choice, self._token_persona(event)))
         delta = {"content": event.content} if event.content else {}
         choice = self._choice(delta, event.content, None, event.reason)
-        return _clean(self._chunk(choice, self._end_persona()))
+        return json_safe(self._chunk(choice, self._end_persona()))
 
     def _choice(
         self, delta: dict[str, Any], text: str, logprobs: dict[str, Any] | None, reason: str | None
