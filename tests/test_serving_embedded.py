@@ -128,8 +128,10 @@ def test_eight_differently_steered_requests_do_not_cross_talk(server: Any) -> No
     with ThreadPoolExecutor(len(settings)) as pool:
         batched = list(pool.map(together, settings))
     assert steps_with_at_least(server.engine.stats(), 6) > before + 8  # they did share a batch
+    # measured on the 2-core CPU: batched and alone projections differ by < 4e-5; cross-talk would
+    # move them by a coefficient times a norm (~60 here)
     notes = [
-        compare_greedy(b, a, projection_tolerance=0.05) for b, a in zip(batched, alone, strict=True)
+        compare_greedy(b, a, projection_tolerance=5e-3) for b, a in zip(batched, alone, strict=True)
     ]
-    print("no cross-talk:", notes)
-    assert sum(n for n, _ in notes) >= 0.75 * sum(len(a.tokens) for a in alone)
+    print("no cross-talk (tokens compared, how it ended, largest projection difference):", notes)
+    assert sum(n for n, _, _ in notes) >= 0.75 * sum(len(a.tokens) for a in alone)
