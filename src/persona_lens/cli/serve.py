@@ -134,8 +134,8 @@ def serve(
     bound = sock.getsockname()[1]
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
     console.print(
-        f"serving {loaded.name} on http://{shown}:{bound} (web page /, API /v1, docs /docs)"
-        + ("; API key required" if api_key else ""),
+        f"serving {loaded.name} on http://{shown}:{bound} "
+        "(web page /, API /v1, schema /openapi.json)" + ("; API key required" if api_key else ""),
         markup=False,
         soft_wrap=True,
     )

@@ -124,6 +124,8 @@ def create_app(engine: Engine, resolver: Resolver, model_id: str) -> FastAPI:
     app = FastAPI(
         title="persona-lens",
         version=__version__,
+        docs_url=None,  # FastAPI's docs pages load their scripts from a CDN; the schema stays
+        redoc_url=None,
         summary="OpenAI-compatible API with per-request persona steering and per-token trait "
         "projections.",
     )
