@@ -18,7 +18,7 @@ schemathesis = pytest.importorskip("schemathesis")
 hypothesis = pytest.importorskip("hypothesis")
 
 EXAMPLES = {"GET": 10, "POST": 40}  # per operation and generation mode
-BUDGET_S = 90.0  # for the whole run, shared by the operations; examples past it return at once
+BUDGET_S = 60.0  # for the whole run, shared by the operations; examples past it return at once
 
 
 @pytest.fixture(scope="module")
