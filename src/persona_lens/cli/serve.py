@@ -80,14 +80,7 @@ def serve(
         raise InputError(
             f"persona serve needs {' and '.join(missing)}: pip install 'persona-lens[serve]'"
         )
-    import torch
-    import uvicorn
-    from transformers.utils import logging as transformers_logging
-
-    from persona_lens.core.models import load_model
-    from persona_lens.serving.server import build_app
-    from persona_lens.serving.settings import ServerSettings
-    from persona_lens.serving.vectors import VectorLibrary
+    from persona_lens.serving.settings import ServerSettings  # light: checks come first
 
     settings = ServerSettings(
         api_key=api_key,
@@ -100,13 +93,21 @@ def serve(
         max_batch=max_batch,
         max_queue=max_queue,
     )
-    if threads is not None:
-        torch.set_num_threads(threads)
     folder = vectors if vectors is not None else DEFAULT_VECTORS
     if vectors is not None and not folder.is_dir():
         raise InputError(f"--vectors {folder}: no such folder")
     sock = listening_socket(host, port)  # before the model loads: a busy port fails at once
     try:
+        import torch
+        import uvicorn
+        from transformers.utils import logging as transformers_logging
+
+        from persona_lens.core.models import load_model
+        from persona_lens.serving.server import build_app
+        from persona_lens.serving.vectors import VectorLibrary
+
+        if threads is not None:
+            torch.set_num_threads(threads)
         transformers_logging.disable_progress_bar()  # the status line says what happens
         with console.status(f"loading {model} ..."):
             loaded = load_model(model, device=device, dtype=dtype)
