@@ -5,7 +5,8 @@
     python benchmarks/run.py --dry-run            # print the commands only
 
 Steps whose optional packages are missing are skipped with a note (``peers`` needs repeng and
-steering-vectors; ``extract`` adds the vLLM rows when vLLM is installed). Every section records
+steering-vectors; ``extract`` adds the vLLM rows when vLLM is installed; ``serve`` needs the
+``[serve]`` extra and httpx). Every section records
 the machine, the versions, its own command line and the medians of its repeats. Not part of
 the test suite: benchmarks measure, tests assert.
 """
@@ -59,6 +60,10 @@ def steps(repeats: int) -> dict[str, tuple[list[str], str | None]]:
             None if train_ok else "peft/accelerate not installed",
         ),
         "judge": (["judge_agreement.py"], None),
+        "serve": (
+            ["bench_serve.py", *r],
+            None if _installed("fastapi", "uvicorn", "httpx") else "fastapi/uvicorn/httpx",
+        ),
     }
 
 

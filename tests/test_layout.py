@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "monitoring": {"core", "interop", "traits", "judges", "extraction"},
     "screening": {"core", "interop", "traits", "judges", "extraction"},
     "training": {"core", "interop", "traits", "judges", "extraction", "monitoring", "screening"},
+    "serving": {"core", "interop", "traits", "judges", "extraction", "monitoring"},
     "demo": {"core", "interop", "traits", "judges", "extraction", "monitoring", "screening"},
     "cli": {"*"},
     "__init__": {"core"},  # plus lazy, type-checking-only imports of the public API

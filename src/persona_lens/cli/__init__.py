@@ -28,6 +28,7 @@ from persona_lens.cli import (  # noqa: F401
     info,
     monitor,
     screen,
+    serve,
     shift,
     train,
     view,

@@ -481,26 +481,32 @@ class ChatSession:
 
     # --- meters -------------------------------------------------------------------------
     def _meter_scale(self, monitor: Monitor, vector: PersonaVector) -> MeterScale:
-        """Baseline: the trait's projection on a neutral reply; scale: the vector's norm."""
-        question, answer = NEUTRAL_EXCHANGE
-        prompt = render_chat(self.tokenizer, [{"role": "user", "content": question}])
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        reply_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([prompt_ids + reply_ids], device=device)
-        response = torch.tensor([[0] * len(prompt_ids) + [1] * len(reply_ids)], device=device)
-        result = capture_forward(
-            self.model,
-            input_ids,
-            torch.ones_like(input_ids),
-            response,
-            layout=self.layout,
-            layers=(),
-            monitors=[monitor],
-        )
-        baseline = result.response_projection(monitor.name)[0]
-        scale = float(vector.at(monitor.layer).norm())
-        return MeterScale(baseline, scale if scale > 0 else 1.0)
+        return meter_scale(self.model, self.tokenizer, self.layout, monitor, vector)
+
+
+def meter_scale(
+    model: nn.Module, tokenizer: Any, layout: BlockLayout, monitor: Monitor, vector: PersonaVector
+) -> MeterScale:
+    """Baseline: the trait's projection on a neutral reply; scale: the vector's norm."""
+    question, answer = NEUTRAL_EXCHANGE
+    prompt = render_chat(tokenizer, [{"role": "user", "content": question}])
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt_ids + reply_ids], device=device)
+    response = torch.tensor([[0] * len(prompt_ids) + [1] * len(reply_ids)], device=device)
+    result = capture_forward(
+        model,
+        input_ids,
+        torch.ones_like(input_ids),
+        response,
+        layout=layout,
+        layers=(),
+        monitors=[monitor],
+    )
+    baseline = result.response_projection(monitor.name)[0]
+    scale = float(vector.at(monitor.layer).norm())
+    return MeterScale(baseline, scale if scale > 0 else 1.0)
 
 
 _COMMANDS = {
