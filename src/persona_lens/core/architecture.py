@@ -88,6 +88,16 @@ class BlockLayout:
             "block_kinds": counts,
             "layout": "".join(_layout_letter(k) for k in self.block_kinds),
             **self._describe_streams(),
+            **self._describe_sparse(),
+        }
+
+    def _describe_sparse(self) -> dict[str, Any]:
+        if not any(kind.startswith("sparse-attention") for kind in self.block_kinds):
+            return {}
+        return {
+            "note": "dynamic sparse attention: where the indexer's top-k scores tie, "
+            "transformers' cached decoding can keep other keys than a forward over the same "
+            "tokens, so activations captured while generating can differ from a forward pass"
         }
 
     def _describe_streams(self) -> dict[str, Any]:
