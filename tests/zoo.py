@@ -193,18 +193,39 @@ CANVAS_LENGTH = 8  # block diffusion: tokens per canvas
 DENOISING_STEPS = 4  # block diffusion: denoising steps per canvas (the model's default is 48)
 
 
-def build_diffusion_gemma(vocab_size: int = VOCAB_SIZE) -> PreTrainedModel:
-    """A tiny DiffusionGemma: 4 layers (3 sliding, 1 full), 4 experts, and a one-layer vision
-    tower of width 32 (the default vision config alone has 168M parameters)."""
+def build_diffusion_gemma(
+    vocab_size: int = VOCAB_SIZE,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = NUM_LAYERS,
+    canvas_length: int = CANVAS_LENGTH,
+    denoising_steps: int = DENOISING_STEPS,
+    token_ids: tuple[int, int, int] = (PAD_ID, BOS_ID, EOS_ID),
+) -> PreTrainedModel:
+    """A tiny DiffusionGemma: 4 layers (the last full attention, the others sliding), 4
+    experts, and a one-layer vision tower of width 32 (the default vision config alone has
+    168M parameters). The keywords scale it up for benchmarks."""
+    pad, bos, eos = token_ids
+    heads = max(4, hidden_size // 16)
     text = transformers.DiffusionGemmaTextConfig(
-        **{**_TOKENS, "vocab_size": vocab_size},
-        **{**_ATTN, "attn_implementation": "sdpa"},
+        vocab_size=vocab_size,
+        pad_token_id=pad,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        head_dim=16,
         global_head_dim=16,  # head size of the full-attention layers
+        max_position_embeddings=4096,
         num_experts=4,
         top_k_experts=2,
-        moe_intermediate_size=32,
+        moe_intermediate_size=hidden_size // 2,
         sliding_window=8,
-        layer_types=[*["sliding_attention"] * 3, "full_attention"],
+        layer_types=[*["sliding_attention"] * (num_layers - 1), "full_attention"],
+        attn_implementation="sdpa",
     )
     vision = transformers.Gemma4VisionConfig(
         hidden_size=32,
@@ -215,12 +236,14 @@ def build_diffusion_gemma(vocab_size: int = VOCAB_SIZE) -> PreTrainedModel:
         head_dim=16,
     )
     config = transformers.DiffusionGemmaConfig(
-        text_config=text, vision_config=vision, canvas_length=CANVAS_LENGTH
+        text_config=text, vision_config=vision, canvas_length=canvas_length
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model: PreTrainedModel = transformers.DiffusionGemmaForBlockDiffusion(config)
-    model.generation_config.max_denoising_steps = DENOISING_STEPS
+    model.generation_config.max_denoising_steps = denoising_steps
+    model.generation_config.pad_token_id = pad
+    model.generation_config.eos_token_id = eos
     return model.to(device="cpu", dtype=torch.float32).eval()
 
 
