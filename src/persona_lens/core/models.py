@@ -254,10 +254,10 @@ def _generative_class(path: str, **kwargs: Any) -> Any:
     import transformers
 
     for name in getattr(config, "architectures", None) or ():
-        found = getattr(transformers, str(name), None)
-        if isinstance(found, type) and issubclass(found, PreTrainedModel):
-            if callable(getattr(found, "generate", None)) and found.can_generate():
-                return found
+        found: Any = getattr(transformers, str(name), None)
+        generative = isinstance(found, type) and issubclass(found, PreTrainedModel)
+        if generative and callable(getattr(found, "generate", None)) and found.can_generate():
+            return found
     return AutoModelForCausalLM  # its error message names the unsupported config
 
 
