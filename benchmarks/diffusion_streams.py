@@ -38,7 +38,7 @@ from persona_lens.judges.base import JudgeScore
 from persona_lens.traits.definitions import load_trait
 
 sys.path.insert(0, str(ROOT))
-from tests import zoo  # noqa: E402
+from tests import zoo
 
 
 def _tokenizer() -> object:

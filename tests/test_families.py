@@ -42,13 +42,16 @@ def family(request: pytest.FixtureRequest) -> tuple[str, nn.Module]:
     return request.param, model
 
 
-def _batch(name: str | None = None, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two prompts, row 0 left-padded - within what transformers decodes exactly for the
-    family (see ``ZooEntry.decoding``) - of ``length`` tokens (default: the family's)."""
+def _batch(
+    name: str | None = None, length: int | None = None, rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts (or ``rows``), row 0 left-padded - within what transformers decodes
+    exactly for the family (see ``ZooEntry.decoding``) - of ``length`` tokens (default: the
+    family's)."""
     entry = zoo.ZOO[name] if name else None
     decoding = entry.decoding if entry else "exact"
     length = length or (entry.prompt_length if entry else None) or PROMPT_LEN
-    rows = 1 if decoding == "batch-1" else 2
+    rows = rows or (1 if decoding == "batch-1" else 2)
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(3, zoo.VOCAB_SIZE, (rows, length), generator=generator)
     mask = torch.ones_like(ids)
@@ -256,3 +259,41 @@ def test_layout_matches_category(family: tuple[str, nn.Module]) -> None:
         assert len(set(layout.upper())) >= 2, f"{name}: {layout} mixes no block kinds"
     else:
         assert set(layout) & EXPECTED_LETTERS[category], f"{name}: {layout} for {category}"
+
+
+def _greedy(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=zoo.PAD_ID,
+            eos_token_id=None,
+            use_cache=True,
+        )
+
+
+def test_steering_changes_generated_tokens(family: tuple[str, nn.Module]) -> None:
+    name, model = family
+    ids, mask = _batch(name)
+    plain = _greedy(model, ids, mask)
+    with steer(model, SteeringSpec(_random_vector(model), 1.0, "all", positions="generated")):
+        steered = _greedy(model, ids, mask)
+    assert torch.equal(steered[:, : ids.shape[1]], plain[:, : ids.shape[1]])
+    assert (steered[:, ids.shape[1] :] != plain[:, ids.shape[1] :]).any(dim=1).all(), name
+
+
+def test_per_row_coefficients(family: tuple[str, nn.Module]) -> None:
+    """Row 0 steered with coefficient 0 equals the unsteered run of the same batch; row 1
+    (coefficient 1) does not."""
+    name, model = family
+    ids, mask = _batch(name, rows=2)
+    plain = _greedy(model, ids, mask)
+    with steer(model, SteeringSpec(_random_vector(model), [0.0, 1.0], "all")):
+        steered = _greedy(model, ids, mask)
+    if zoo.ZOO[name].decoding == "batch-1":  # transformers mixes the rows' recurrent states
+        assert not torch.equal(steered[0], plain[0]), "batched decoding is exact now"
+        pytest.xfail("transformers' batched decoding leaks row 1's steering into row 0")
+    assert torch.equal(steered[0], plain[0]), name
+    assert not torch.equal(steered[1], plain[1]), name
