@@ -161,7 +161,9 @@ def bench(preset: str, args: Any, tokenizer: Any) -> str:
     for name, values in samples.items():
         cpu = median([s.cpu for s in values])
         ratio = paired_ratio(values, base, key="cpu_tps")
-        extra = median([(s.cpu - b.cpu) * 1000 / step_count for s, b in zip(values, base, strict=True)])
+        extra = median(
+            [(s.cpu - b.cpu) * 1000 / step_count for s, b in zip(values, base, strict=True)]
+        )
         table.append(
             [
                 name,
