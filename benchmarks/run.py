@@ -44,6 +44,8 @@ def steps(repeats: int) -> dict[str, tuple[list[str], str | None]]:
         ),
         "extract": (extract, None),
         "stability": (["seed_stability.py", "--backend", backend], None),
+        "diffusion": (["bench_diffusion.py", *r], None),
+        "diffusion-streams": (["diffusion_streams.py"], None),
         "judge": (["judge_agreement.py"], None),
     }
 
