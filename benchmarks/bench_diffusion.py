@@ -35,7 +35,6 @@ from _common import (
     ROOT,
     Sample,
     bench_parser,
-    byte_tokenizer,
     chat_text,
     command_line,
     fmt,
@@ -43,6 +42,7 @@ from _common import (
     machine_lines,
     md_table,
     median,
+    offline_tokenizer,
     paired_ratio,
     pct,
     timed,
@@ -53,7 +53,6 @@ from persona_lens.core.architecture import find_blocks
 from persona_lens.core.capture import Monitor
 from persona_lens.core.diffusion.capture import DiffusionCapture
 from persona_lens.core.diffusion.generation import encode_last_canvas
-from persona_lens.core.models import load_model, prepare_tokenizer
 from persona_lens.core.steering import SteeringSpec, steer, steering_vector
 
 sys.path.insert(0, str(ROOT))
@@ -64,14 +63,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "larger": {"hidden_size": 256, "num_layers": 8, "canvas_length": 32, "denoising_steps": 8},
 }
 NEW_TOKENS = {"tiny": 32, "larger": 64}
-
-
-def _tokenizer() -> Any:
-    try:
-        return load_model("embedded", device="cpu").tokenizer
-    except Exception as exc:  # no embedded model here: bytes
-        print(f"embedded tokenizer unavailable ({exc}); using a byte tokenizer", file=sys.stderr)
-        return prepare_tokenizer(byte_tokenizer())
 
 
 def _count_steps(model: torch.nn.Module, run: Callable[[], Any]) -> int:
@@ -212,7 +203,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    tokenizer = _tokenizer()
+    tokenizer = offline_tokenizer()
     sections = [bench(p, args, tokenizer) for p in args.presets.split(",")]
     body = "\n\n".join(sections)
     print(body)

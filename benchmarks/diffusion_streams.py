@@ -27,11 +27,10 @@ import time
 from dataclasses import replace
 
 import torch
-from _common import ROOT, byte_tokenizer, command_line, machine_lines, md_table, write_section
+from _common import ROOT, command_line, machine_lines, md_table, offline_tokenizer, write_section
 
 from persona_lens.core.architecture import find_blocks
 from persona_lens.core.generation import generate
-from persona_lens.core.models import load_model, prepare_tokenizer
 from persona_lens.extraction.extract import BUDGETS, ScoredRollout, held_out_separation
 from persona_lens.extraction.rollouts import Rollout, RolloutSettings, plan
 from persona_lens.judges.base import JudgeScore
@@ -39,14 +38,6 @@ from persona_lens.traits.definitions import load_trait
 
 sys.path.insert(0, str(ROOT))
 from tests import zoo
-
-
-def _tokenizer() -> object:
-    try:
-        return load_model("embedded", device="cpu").tokenizer
-    except Exception as exc:  # no embedded model here: bytes
-        print(f"embedded tokenizer unavailable ({exc}); using a byte tokenizer", file=sys.stderr)
-        return prepare_tokenizer(byte_tokenizer())
 
 
 def _rollouts(model, tokenizer, layout, trait, settings) -> list[Rollout]:  # type: ignore[no-untyped-def]
@@ -118,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    tokenizer = _tokenizer()
+    tokenizer = offline_tokenizer()
     ids = (tokenizer.pad_token_id, tokenizer.bos_token_id or 0, tokenizer.eos_token_id)
     model = zoo.build_diffusion_gemma(len(tokenizer), token_ids=ids)
     budget = BUDGETS[args.budget]

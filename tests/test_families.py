@@ -19,6 +19,7 @@ from persona_lens.core.capture import (
 from persona_lens.core.steering import SteeringSpec, steer
 from persona_lens.core.vectors import PersonaVector
 from tests import zoo
+from tests.model_hooks import hook_ids
 
 PROMPT_LEN = 7
 NEW_TOKENS = 5
@@ -67,21 +68,12 @@ def _random_vector(model: nn.Module, scale: float = 4.0, seed: int = 2) -> Perso
     return PersonaVector(rows * scale, "random")
 
 
-def _hooks(model: nn.Module) -> set[int]:
-    """Ids of every forward (pre-)hook on the model (transformers may add its own)."""
-    return {
-        id(hook)
-        for m in model.modules()
-        for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
-    }
-
-
 @pytest.fixture(autouse=True)
 def _no_hooks_left(family: tuple[str, nn.Module]) -> object:
     """Every test must leave the model with exactly the hooks it had before."""
-    before = _hooks(family[1])
+    before = hook_ids(family[1])
     yield
-    assert _hooks(family[1]) == before, "hooks left on the model"
+    assert hook_ids(family[1]) == before, "hooks left on the model"
 
 
 def _all_positions(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from persona_lens.core.diffusion.generation import encode_last_canvas
 from persona_lens.core.steering import SteeringSpec, steer
 from persona_lens.core.vectors import PersonaVector
 from tests import zoo
+from tests.model_hooks import hook_ids
 
 PROMPT_LEN = 7
 NEW_TOKENS = 16  # two canvases of 8
@@ -75,19 +76,11 @@ def _vector(layout: BlockLayout, scale: float = 4.0, seed: int = 2) -> PersonaVe
     return PersonaVector(rows * scale, "random")
 
 
-def _hooks(model: nn.Module) -> set[int]:
-    return {
-        id(hook)
-        for m in model.modules()
-        for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
-    }
-
-
 @pytest.fixture(autouse=True)
 def _no_hooks_left(family: tuple[str, nn.Module]) -> Any:
-    before = _hooks(family[1])
+    before = hook_ids(family[1])
     yield
-    assert _hooks(family[1]) == before, "hooks left on the model"
+    assert hook_ids(family[1]) == before, "hooks left on the model"
 
 
 def _canvas(model: nn.Module) -> torch.Tensor:

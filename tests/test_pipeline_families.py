@@ -20,9 +20,10 @@ import torch
 from typer.testing import CliRunner
 
 from persona_lens.cli import app
+from persona_lens.core.capture import Monitor
 from persona_lens.core.errors import InputError
-from persona_lens.core.generation import generate
-from persona_lens.core.models import load_model
+from persona_lens.core.generation import Generation, generate
+from persona_lens.core.models import LoadedModel, load_model
 from persona_lens.core.vectors import PersonaVector
 from tests.cli_run import persona
 from tests.tiny import zoo_model_dir
@@ -72,6 +73,20 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     }
 
 
+def _library_run(run: dict[str, Any], **kwargs: Any) -> tuple[LoadedModel, list[Generation]]:
+    """The saved model, loaded here, generating unsteered for the prompts with the extracted
+    vector as a monitor at its best layer."""
+    lm = load_model(str(run["model"]))
+    vector = PersonaVector.load(run["vector"])
+    layer = vector.best_layer
+    assert layer is not None
+    monitor = Monitor("evil", vector.at(layer), layer)
+    generations = generate(
+        lm.model, lm.tokenizer, PROMPTS, monitors=[monitor], layout=lm.layout, **kwargs
+    )
+    return lm, generations
+
+
 def test_extract_writes_a_vector_for_the_model(run: dict[str, Any]) -> None:
     lm = load_model(str(run["model"]))
     vector = PersonaVector.load(run["vector"])
@@ -85,20 +100,7 @@ def test_extract_writes_a_vector_for_the_model(run: dict[str, Any]) -> None:
 def test_generate_steers_and_monitors(run: dict[str, Any]) -> None:
     """The steered CLI output differs from an unsteered run of the library on the same model,
     and its projections are the mean of its per-token projections."""
-    lm = load_model(str(run["model"]))
-    vector = PersonaVector.load(run["vector"])
-    from persona_lens.core.capture import Monitor
-
-    layer = vector.best_layer
-    assert layer is not None
-    plain = generate(
-        lm.model,
-        lm.tokenizer,
-        PROMPTS,
-        max_new_tokens=NEW_TOKENS,
-        monitors=[Monitor("evil", vector.at(layer), layer)],
-        layout=lm.layout,
-    )
+    lm, plain = _library_run(run, max_new_tokens=NEW_TOKENS)
     rows = run["steered"]
     assert [r["id"] for r in rows] == [1, 2]
     assert [r["response"] for r in rows] != [g.response for g in plain]
@@ -127,21 +129,7 @@ def test_monitor_matches_the_library(run: dict[str, Any]) -> None:
         str(run["prompts"]), "--out", str(out), cwd=run["root"], env=_env(), timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    lm = load_model(str(run["model"]))
-    vector = PersonaVector.load(run["vector"])
-    from persona_lens.core.capture import Monitor
-
-    layer = vector.best_layer
-    assert layer is not None
-    during = generate(
-        lm.model,
-        lm.tokenizer,
-        PROMPTS,
-        max_new_tokens=2,
-        monitors=[Monitor("evil", vector.at(layer), layer)],
-        layout=lm.layout,
-        batch_size=1,  # each prompt alone: no padding in either run
-    )
+    _, during = _library_run(run, max_new_tokens=2, batch_size=1)  # each prompt alone
     for row, generation in zip(_read(out), during, strict=True):
         assert row["prompt_projections"]["evil"] == pytest.approx(
             generation.prompt_projections["evil"], rel=1e-4, abs=1e-4

@@ -157,24 +157,26 @@ def _param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, BlockLayout] = weakref.WeakKeyDictionary()
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, dict[str | None, BlockLayout]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def find_blocks(model: nn.Module, block_path: str | None = None) -> BlockLayout:
-    """Locate the ordered residual blocks of ``model`` (cached per model while its blocks
-    stay the same modules).
+    """Locate the ordered residual blocks of ``model`` (cached per model and ``block_path``
+    while its blocks stay the same modules; a path given once does not change the default).
 
     Raises ArchitectureError when no plausible block list exists or ``block_path`` is wrong.
     """
-    cached = _LAYOUTS.get(model)
-    if cached is not None and block_path in (None, cached.path):
+    found = _LAYOUTS.setdefault(model, {})
+    cached = found.get(block_path)
+    if cached is not None:
         current = tuple(model.get_submodule(cached.path).children())
         if len(current) == cached.num_layers and all(
             a is b for a, b in zip(current, cached.blocks, strict=True)
         ):
             return cached
-    layout = _find_blocks(model, block_path)
-    _LAYOUTS[model] = layout
+    layout = found[block_path] = _find_blocks(model, block_path)
     return layout
 
 

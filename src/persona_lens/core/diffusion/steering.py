@@ -20,13 +20,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
 from persona_lens.core.architecture import BlockLayout, block_hidden, with_block_hidden
 from persona_lens.core.diffusion.phases import PhaseTracker
-from persona_lens.core.errors import InputError
-from persona_lens.core.steering import OPERATORS, SteeringHandle
+from persona_lens.core.steering import SteeringHandle
 
 
 class DiffusionSteeringHandle(SteeringHandle):
@@ -60,17 +58,9 @@ class DiffusionSteeringHandle(SteeringHandle):
             hidden = block_hidden(output)
             steered = hidden
             for op in ops:
+                # SteeringHandle._apply acts on every position: this handle has no tracker
                 if self.phases.selects(op.positions):
-                    steered = self._apply_all(op, steered)
+                    steered = self._apply(op, steered)
             return output if steered is hidden else with_block_hidden(output, steered)
 
         return hook
-
-    def _apply_all(self, op: Any, hidden: torch.Tensor) -> torch.Tensor:
-        """``op`` at every position of the forward (its phase was selected already)."""
-        direction, coef = op.prepared(hidden)
-        if isinstance(coef, torch.Tensor) and coef.shape[0] != hidden.shape[0]:
-            raise InputError(
-                f"{coef.shape[0]} per-row coefficients for a batch of {hidden.shape[0]} rows"
-            )
-        return OPERATORS[op.operator](hidden, direction, coef, op.cap_range)
