@@ -113,6 +113,7 @@ def test_blocks_found(family: tuple[str, nn.Module]) -> None:
     assert layout.stream("encoder").module is model.get_encoder()
     decoder_path = info["streams"]["decoder"]["block_path"]
     assert find_blocks(model, decoder_path).stream().name == "decoder"
+    assert find_blocks(model).stream().name == "encoder"  # picking a stream is not sticky
 
 
 def test_capture_equals_reference_forward(family: tuple[str, nn.Module]) -> None:
