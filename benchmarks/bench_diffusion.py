@@ -63,6 +63,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "larger": {"hidden_size": 256, "num_layers": 8, "canvas_length": 32, "denoising_steps": 8},
 }
 NEW_TOKENS = {"tiny": 32, "larger": 64}
+BATCH = {"tiny": 8, "larger": 4}  # prompts per batch (--batch-size overrides)
 
 
 def _count_steps(model: torch.nn.Module, run: Callable[[], Any]) -> int:
@@ -79,7 +80,7 @@ def bench(preset: str, args: Any, tokenizer: Any) -> str:
     ids = (tokenizer.pad_token_id, tokenizer.bos_token_id or 0, tokenizer.eos_token_id)
     model = zoo.build_diffusion_gemma(len(tokenizer), token_ids=ids, **PRESETS[preset])
     layout = find_blocks(model)
-    texts = [chat_text(tokenizer, p) for p in PROMPTS[: args.batch_size]]
+    texts = [chat_text(tokenizer, p) for p in PROMPTS[: args.batch_size or BATCH[preset]]]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     new_tokens = NEW_TOKENS[preset]
     rows = torch.randn(layout.num_layers + 1, layout.hidden_size, generator=torch.Generator())
@@ -199,16 +200,16 @@ def bench(preset: str, args: Any, tokenizer: Any) -> str:
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--presets", default="tiny,larger")
-    parser.set_defaults(batch_size=8, repeats=5)
+    parser.set_defaults(batch_size=0, repeats=5)
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     tokenizer = offline_tokenizer()
-    sections = [bench(p, args, tokenizer) for p in args.presets.split(",")]
-    body = "\n\n".join(sections)
-    print(body)
-    if not args.no_write:
-        write_section("diffusion overhead", body, args.results)
+    for preset in args.presets.split(","):
+        body = bench(preset, args, tokenizer)
+        print(body)
+        if not args.no_write:
+            write_section(f"diffusion overhead {preset}", body, args.results)
 
 
 if __name__ == "__main__":
