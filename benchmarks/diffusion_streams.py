@@ -159,7 +159,7 @@ def main() -> None:
     tokens = sum(len(r.response) > 0 for r in read["encoder"])
     body = "\n".join(
         [
-            "## Block diffusion: which stream separates a contrastive vector",
+            "### Block diffusion: which stream separates a contrastive vector",
             "",
             f"Tiny random DiffusionGemma ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
             f"parameters, {num_layers} layers, canvas {model.config.canvas_length}, "
