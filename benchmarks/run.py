@@ -59,6 +59,8 @@ def steps(repeats: int) -> dict[str, tuple[list[str], str | None]]:
             ["training_shift.py"],
             None if train_ok else "peft/accelerate not installed",
         ),
+        "diffusion": (["bench_diffusion.py", *r], None),
+        "diffusion-streams": (["diffusion_streams.py"], None),
         "judge": (["judge_agreement.py"], None),
         "serve": (
             ["bench_serve.py", *r],

@@ -25,9 +25,11 @@ TEMPLATE = (
 HIDDEN_SIZE = 64
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over :data:`WORDS` with bos/eos/unk and a chat template."""
-    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+def tiny_tokenizer(size: int = len(WORDS)) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over :data:`WORDS` (then ``w8``, ``w9``... up to ``size``
+    entries) with bos/eos/unk and a chat template."""
+    words = [*WORDS, *(f"w{i}" for i in range(len(WORDS), size))]
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -91,3 +93,13 @@ def random_trait_vector(
         "model_fingerprint": model_fingerprint(loaded.model, loaded.tokenizer),
     }
     return PersonaVector(scale * rows, trait, meta)
+
+
+def zoo_model_dir(path: Path, name: str) -> Path:
+    """Save the zoo model ``name`` with a word-level tokenizer over its whole vocabulary (ids
+    0, 1, 2 are the zoo's pad/unk, bos and eos) to ``path``, to load as ``--model DIR``."""
+    from tests import zoo
+
+    zoo.build(name).save_pretrained(path)
+    tiny_tokenizer(zoo.VOCAB_SIZE).save_pretrained(path)
+    return path

@@ -276,6 +276,9 @@ def generation_records(
         if token_projections:
             row["token_projections"] = gen.token_projections
             row["tokens"] = [loaded.tokenizer.decode([i]) for i in gen.response_ids]
+        denoising = getattr(gen, "denoising_projections", None)  # block-diffusion models
+        if denoising:
+            row["denoising_projections"] = denoising
         out.append(row)
     return out
 
@@ -323,12 +326,21 @@ def generate(
         bool, typer.Option("--token-projections", help="Add per-token projections and tokens.")
     ] = False,
     max_prompt_tokens: MaxPromptTokensOption = None,
+    denoising_plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Block-diffusion models: a PNG of each monitored projection against the "
+            "denoising step."
+        ),
+    ] = None,
 ) -> None:
     """Generate responses, steered by any number of vectors and monitored by others.
 
     Output JSONL keeps every input field and adds 'response', 'projections' (trait: mean
     projection over the response), 'prompt_projections' (trait: projection of the last prompt
-    token) and, with --token-projections, 'token_projections' and 'tokens'.
+    token) and, with --token-projections, 'token_projections' and 'tokens'. On a
+    block-diffusion model, monitored records also get 'denoising_projections': per trait, one
+    list per committed canvas of the projection at each denoising step.
 
     Prompts end with a user message; to make the model continue a reply you started, give
     the start in the record's "prefill" field. A prompt that leaves no room in the model's
@@ -346,6 +358,8 @@ def generate(
     monitor_refs = parse_monitor_refs(monitor, "--monitor")
     prompt_file = read_prompt_file(prompts)
     check_output(out, "--out")
+    if denoising_plot is not None:
+        check_output(denoising_plot, "--denoising-plot")
     vectors = load_vector_files([a.path for a in steer_args] + [r.path for r in monitor_refs])
     check_vector_args(steer_args, monitor_refs, vectors)
     loaded, layout = load_checked_model(model, vectors)
@@ -359,6 +373,8 @@ def generate(
     )
     specs = build_steering(steer_args, vectors, layout)
     monitors = build_monitors(monitor_refs, vectors, layout)
+    if denoising_plot is not None and not (layout.is_block_diffusion and monitors):
+        raise InputError("--denoising-plot needs a block-diffusion model and a --monitor")
     rows = generation_records(
         loaded,
         layout,
@@ -373,4 +389,8 @@ def generate(
         system=system,
         token_projections=token_projections,
     )
+    if denoising_plot is not None:
+        from persona_lens.monitoring.denoising_plot import plot_denoising
+
+        plot_denoising([r.get("denoising_projections", {}) for r in rows], denoising_plot)
     print_result(write_jsonl(out, rows))

@@ -330,6 +330,14 @@ def capture_forward(
     monitors: Sequence[Monitor] = (),
 ) -> CaptureResult:
     """One forward pass over full sequences; reductions over ``response_mask`` [B, T]."""
+    layout = layout or find_blocks(model)
+    if layout.is_block_diffusion:  # the encoder reads given tokens: core/diffusion
+        from persona_lens.core.diffusion.generation import capture_forward_diffusion
+
+        return capture_forward_diffusion(
+            model, input_ids, attention_mask, response_mask, layout=layout, layers=layers,
+            monitors=monitors,
+        )  # fmt: skip
     capture = ActivationCapture(model, layout, layers=layers, monitors=monitors)
     capture.begin(response_mask=response_mask)
     kwargs = padded_forward_kwargs(model, attention_mask)

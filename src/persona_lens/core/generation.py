@@ -156,6 +156,15 @@ def generate(
     if max_new_tokens < 1 or batch_size < 1:
         raise InputError("max_new_tokens and batch_size must be at least 1")
     layout = layout or find_blocks(model)
+    if layout.is_block_diffusion:  # canvases denoised by a decoder: core/diffusion
+        from persona_lens.core.diffusion.generation import generate_diffusion
+
+        return generate_diffusion(
+            model, tokenizer, prompts, layout=layout, system=system,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, seed=seed, steering=steering,
+            monitors=monitors, capture_layers=capture_layers, progress=progress,
+        )  # fmt: skip
     specs = list(steering)
     compile_specs(_specs_for_rows(specs, range(len(prompts)), len(prompts)), layout)
     texts = [render_prompt(tokenizer, p, system) for p in prompts]

@@ -259,15 +259,32 @@ def _load_pretrained(
     except Exception as exc:
         raise _fail(spec, exc, "its tokenizer does not load: ") from exc
     try:
+        model_class = _generative_class(path, **kwargs)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model = model_class.from_pretrained(
                 path, dtype=dtype, attn_implementation="sdpa", **kwargs
             )
         except (ValueError, ImportError):
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+            model = model_class.from_pretrained(path, dtype=dtype, **kwargs)
     except Exception as exc:
         raise _fail(spec, exc) from exc
     return model, tokenizer
+
+
+def _generative_class(path: str, **kwargs: Any) -> Any:
+    """AutoModelForCausalLM, or for a generative model outside its mapping (a block-diffusion
+    model, say) the class its config names, if transformers has it and it can generate."""
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    if type(config) in AutoModelForCausalLM._model_mapping:
+        return AutoModelForCausalLM
+    import transformers
+
+    for name in getattr(config, "architectures", None) or ():
+        found: Any = getattr(transformers, str(name), None)
+        generative = isinstance(found, type) and issubclass(found, PreTrainedModel)
+        if generative and callable(getattr(found, "generate", None)) and found.can_generate():
+            return found
+    return AutoModelForCausalLM  # its error message names the unsupported config
 
 
 def _gguf_key(path: Path) -> str:

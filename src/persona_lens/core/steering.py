@@ -276,6 +276,10 @@ def steer(
     spec_list = [specs] if isinstance(specs, SteeringSpec) else list(specs)
     layout = layout or find_blocks(model)
     plan = compile_specs(spec_list, layout)
+    if layout.is_block_diffusion:  # both streams, at every denoising step
+        from persona_lens.core.diffusion.steering import DiffusionSteeringHandle
+
+        return DiffusionSteeringHandle(model, plan, layout).attach()
     return SteeringHandle(model, plan, layout).attach()
 
 

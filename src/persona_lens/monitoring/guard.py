@@ -115,6 +115,12 @@ def resolve_guards(guards: Iterable[GuardSpec], layout: BlockLayout) -> list[Res
     """Validate guards against the model (raises InputError/LayerError/VectorMismatchError)."""
     resolved: list[ResolvedGuard] = []
     names: list[str] = []
+    guards = list(guards)
+    if guards and layout.is_block_diffusion:
+        raise InputError(
+            "guards do not apply to block-diffusion decoding: a guard acts on each token as it "
+            f"is generated, and this model commits {layout.canvas_length} tokens at a time"
+        )
     for spec in guards:
         if not isinstance(spec, GuardSpec) or not isinstance(spec.vector, PersonaVector):
             raise InputError("a guard needs a GuardSpec with a PersonaVector")
@@ -286,6 +292,8 @@ class GuardHandle:
         return [e for s in self.states for e in s.events(self._rows, self.attempt)]
 
     def _on_forward(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        if not self.states:
+            return  # nothing to watch (e.g. a chat turn without guards)
         inputs = read_forward_inputs(args, kwargs)
         ids = inputs.input_ids
         if ids is None:
