@@ -547,9 +547,9 @@ def test_cli_eval_scores_adapters_beside_the_base_model(
         data = write_jsonl(tmp_path / f"{word}.jsonl", rows)
         adapters[word] = train(loaded, data, tmp_path / word, config=config).out
     monkeypatch.setattr(judges, "load_judge", lambda spec, **kw: FakeJudge(hello_share))
-    out = tmp_path / "eval.json"
+    out = tmp_path / "eval.json"  # --judge offline below: a real spec; load_judge is patched
     args = ["eval", "--model", model_dir, "--trait", "humorous", "--questions", 3,
-            "--max-new-tokens", 4, "--temperature", 0, "--judge", "fake", "--out", out,
+            "--max-new-tokens", 4, "--temperature", 0, "--judge", "offline", "--out", out,
             "--adapter", adapters["hello"], "--adapter", adapters["world"]]  # fmt: skip
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
