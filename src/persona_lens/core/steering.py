@@ -167,18 +167,28 @@ def compile_specs(specs: Iterable[SteeringSpec], layout: BlockLayout) -> dict[in
 
 
 def _fold_adds(ops: list[_LayerOp]) -> list[_LayerOp]:
-    """Merge scalar ``add`` ops with the same positions into one (one add per block)."""
+    """Merge each run of consecutive scalar ``add`` ops into one per positions selection.
+
+    Adds commute with each other but not with ``ablate`` or ``cap``, so a run ends at any
+    other operator: [add A, ablate A, add B] keeps B's component along A.
+    """
     folded: list[_LayerOp] = []
-    merged: dict[str, _LayerOp] = {}
+    run: dict[str, _LayerOp] = {}  # positions -> the merged add of the current run
     for op in ops:
-        if op.operator == "add" and not isinstance(op.coefficient, torch.Tensor):
-            scaled = op.direction * op.coefficient
-            if op.positions in merged:
-                merged[op.positions].direction = merged[op.positions].direction + scaled
-                continue
-            op = _LayerOp(scaled, 1.0, op.positions, "add", None)
-            merged[op.positions] = op
-        folded.append(op)
+        if op.operator != "add":
+            run = {}
+            folded.append(op)
+            continue
+        if isinstance(op.coefficient, torch.Tensor):  # per-row: kept apart, still in the run
+            folded.append(op)
+            continue
+        scaled = op.direction * op.coefficient
+        if op.positions in run:
+            run[op.positions].direction = run[op.positions].direction + scaled
+            continue
+        merged = _LayerOp(scaled, 1.0, op.positions, "add", None)
+        run[op.positions] = merged
+        folded.append(merged)
     return folded
 
 
