@@ -49,8 +49,11 @@ _EXPORTS: dict[str, str] = {
     "GuardSpec": "persona_lens.monitoring.guard",
     "guard": "persona_lens.monitoring.guard",
     "generate_guarded": "persona_lens.monitoring.guard",
+    # one owner per model
+    "owning": "persona_lens.core.ownership",
     # errors
     "PersonaLensError": "persona_lens.core.errors",
+    "ModelBusyError": "persona_lens.core.errors",
 }
 
 __all__ = [
@@ -62,6 +65,7 @@ __all__ = [
     "Generation",
     "GuardSpec",
     "LoadedModel",
+    "ModelBusyError",
     "Monitor",
     "PersonaLensError",
     "PersonaVector",
@@ -81,6 +85,7 @@ __all__ = [
     "load_judge",
     "load_model",
     "load_trait",
+    "owning",
     "steer",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}
@@ -108,9 +113,10 @@ if TYPE_CHECKING:
         capture_forward,
         capture_sequences,
     )
-    from persona_lens.core.errors import PersonaLensError
+    from persona_lens.core.errors import ModelBusyError, PersonaLensError
     from persona_lens.core.generation import Generation, generate
     from persona_lens.core.models import LoadedModel, load_model
+    from persona_lens.core.ownership import owning
     from persona_lens.core.steering import SteeringHandle, SteeringSpec, steer
     from persona_lens.core.vectors import PersonaVector, cosine_similarity
     from persona_lens.extraction.extract import ExtractionOptions, ExtractionResult, extract

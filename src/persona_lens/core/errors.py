@@ -30,3 +30,7 @@ class VectorMismatchError(VectorError):
 
 class InputError(PersonaLensError):
     """Malformed user input: empty prompt list, bad JSONL line, bad option value."""
+
+
+class ModelBusyError(PersonaLensError):
+    """A model used from a second thread while another thread holds it (one owner per model)."""
