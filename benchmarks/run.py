@@ -35,6 +35,8 @@ def steps(repeats: int) -> dict[str, tuple[list[str], str | None]]:
     peers_missing = None if _installed("repeng", "steering_vectors") else "repeng/steering-vectors"
     extract = ["bench_extract.py", *r] + (["--vllm"] if _installed("vllm") else [])
     backend = "vllm" if _installed("vllm") else "hf"
+    screen_parts = "throughput,ray" if _installed("ray") else "throughput"
+    train_ok = _installed("peft", "accelerate")
     return {
         "overhead": (["bench_overhead.py", *r], None),
         "overhead-thin30": (["bench_overhead.py", "--model", "random:thin30", *r], None),
@@ -44,6 +46,18 @@ def steps(repeats: int) -> dict[str, tuple[list[str], str | None]]:
         ),
         "extract": (extract, None),
         "stability": (["seed_stability.py", "--backend", backend], None),
+        "screen": (["bench_screen.py", "--parts", screen_parts, *r], None),
+        "screen-tiny": (
+            ["bench_screen.py", "--model", "random:tiny", "--parts", screen_parts, *r],
+            None,
+        ),
+        "screen-memory": (["bench_screen.py", "--parts", "memory"], None),
+        "screen-seeds": (["bench_screen.py", "--parts", "seeds"], None),
+        "train": (["bench_train.py", *r], None if train_ok else "peft/accelerate not installed"),
+        "training-shift": (
+            ["training_shift.py"],
+            None if train_ok else "peft/accelerate not installed",
+        ),
         "judge": (["judge_agreement.py"], None),
     }
 

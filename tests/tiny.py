@@ -38,8 +38,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_model_dir(path: Path, seed: int, num_layers: int = 2) -> Path:
-    """Save a random tiny Llama (d=64, ``num_layers`` blocks) and its tokenizer to ``path``."""
+def tiny_model_dir(
+    path: Path, seed: int, num_layers: int = 2, *, context: int = 64, endless: bool = False
+) -> Path:
+    """Save a random tiny Llama (d=64, ``num_layers`` blocks, ``context`` positions) and its
+    tokenizer to ``path``. ``endless``: its generation config never lets it write the
+    end-of-sequence token, so a reply runs to ``max_new_tokens`` (for interruption tests)."""
     tokenizer = tiny_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -48,12 +52,15 @@ def tiny_model_dir(path: Path, seed: int, num_layers: int = 2) -> Path:
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=context,
         bos_token_id=1,
         eos_token_id=2,
     )
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(path)
+    model = LlamaForCausalLM(config)
+    if endless:
+        model.generation_config.suppress_tokens = [config.eos_token_id]
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

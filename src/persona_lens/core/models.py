@@ -202,10 +202,26 @@ def model_fingerprint(
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _fail(spec: str, exc: BaseException | str) -> ModelSpecError:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    detail = lines[0][:300] if lines else type(exc).__name__
-    return ModelSpecError(f"cannot load model {spec!r}: {detail}")
+def _fail(spec: str, exc: BaseException | str, what: str = "") -> ModelSpecError:
+    """One line: the whole message joined (never cut mid-sentence below 300 characters)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > 300:
+        text = text[:300].rsplit(" ", 1)[0] + " ..."
+    return ModelSpecError(f"cannot load model {spec!r}: {what}{text}")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    """Whether a model folder holds any tokenizer file (json, sentencepiece, tiktoken...)."""
+    for path in folder.iterdir():
+        name = path.name.lower()
+        if name in TOKENIZER_FILES or "tokenizer" in name or "vocab" in name:
+            return True
+        if name.endswith((".model", ".tiktoken")) or name == "merges.txt":
+            return True
+    return False
 
 
 def _offline() -> bool:
@@ -236,9 +252,19 @@ def _load_pretrained(
     **kwargs: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Tokenizer and model from a directory or hub id, with SDPA attention where supported."""
+    folder = Path(path)
+    if folder.is_dir() and not _has_tokenizer_files(folder):
+        raise ModelSpecError(
+            f"cannot load model {spec!r}: the folder has no tokenizer (none of "
+            f"{', '.join(TOKENIZER_FILES)}); save it beside the weights with "
+            "tokenizer.save_pretrained(FOLDER)"
+        )
     placement: dict[str, Any] = {} if device_map is None else {"device_map": device_map}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except Exception as exc:
+        raise _fail(spec, exc, "its tokenizer does not load: ") from exc
+    try:
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, attn_implementation="sdpa", **placement, **kwargs
@@ -261,10 +287,25 @@ def _gguf_key(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_gguf_file(path: Path, spec: str) -> None:
+    """ModelSpecError unless ``path`` is a complete GGUF file: the reader maps every tensor,
+    so a truncated download fails here with a clear message instead of inside numpy."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(str(path))
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        what = "is not a GGUF file" if "magic" in detail.lower() else "looks truncated or corrupt"
+        raise ModelSpecError(f"cannot load model {spec!r}: the file {what} ({detail})") from exc
+
+
 def _convert_gguf(path: Path, out: Path) -> None:
     """Dequantize a GGUF file into a transformers checkpoint directory (float32)."""
     from transformers.initialization import no_init_weights
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    check_gguf_file(path, str(path))
 
     folder, name = str(path.parent), path.name
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
@@ -306,6 +347,8 @@ def _ensure_gguf_cache(path: Path, spec: str) -> Path:
         except OSError:
             if not final.is_dir():  # another process won the race otherwise
                 raise
+    except ModelSpecError as exc:  # already says what is wrong, naming the file
+        raise ModelSpecError(str(exc).replace(repr(str(path)), repr(spec), 1)) from exc
     except Exception as exc:
         raise _fail(spec, exc) from exc
     finally:

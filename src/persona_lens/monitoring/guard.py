@@ -36,8 +36,7 @@ from persona_lens.core.generation import (
     PromptLike,
     eos_token_ids,
     generate,
-    render_chat,
-    to_messages,
+    render_prompt,
 )
 from persona_lens.core.ownership import ModelClaim, claim_model, release_model
 from persona_lens.core.positions import read_forward_inputs
@@ -360,7 +359,7 @@ def prompt_matcher(
     rendered tokens it holds (identical prompts are taken in order, as ``generate`` does)."""
     table: dict[tuple[int, ...], list[int]] = {}
     for index, prompt in enumerate(prompts):
-        text = render_chat(tokenizer, to_messages(prompt, system))
+        text = render_prompt(tokenizer, prompt, system)
         ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
         table.setdefault(ids, []).append(index)
 
