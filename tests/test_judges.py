@@ -411,7 +411,7 @@ def test_offline_judge_agreement_with_hand_labels() -> None:
     leave-one-question-out cross-validated 0.73 / 0.43 (accuracy / Spearman). The floors sit
     two standard errors above chance on this labelled set: accuracy chance is the majority
     share (0.50, balanced) with SE sqrt(p(1-p)/n), Spearman chance is 0 with SE 1/sqrt(n-1)
-    (n = 154: floors 0.581 and 0.161); cross-validation also keeps its earlier, higher floors.
+    (n = 154: 0.581 and 0.161); each protocol keeps its earlier floor where that is higher.
     The judge is deterministic. (The protocol fitted on SmolLM2 rollouts, 0.64 / 0.31, is left
     to the benchmark: embedding 280 rollouts takes a while on two cores.)"""
     _minilm_or_skip()
@@ -425,7 +425,7 @@ def test_offline_judge_agreement_with_hand_labels() -> None:
     rho_floor = 2 / math.sqrt(n - 1)
     results = evaluate("minilm", rollouts=None)
     floors = {
-        "zero_shot": (accuracy_floor, rho_floor),
+        "zero_shot": (accuracy_floor, max(rho_floor, 0.2)),
         "cv": (max(accuracy_floor, 0.62), max(rho_floor, 0.3)),
     }
     for protocol, (accuracy, rho) in floors.items():
