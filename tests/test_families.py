@@ -91,6 +91,25 @@ def test_blocks_found(family: tuple[str, nn.Module]) -> None:
     assert layout.describe()["layout"]
 
 
+def _final_norm(model: nn.Module) -> nn.Module:
+    """The final norm: the one norm module outside the blocks (found by name here, in the
+    test, so that the reference shares nothing with persona-lens' block discovery)."""
+    inside = {
+        id(m)
+        for module in model.modules()
+        if isinstance(module, nn.ModuleList)
+        for m in module.modules()
+    }
+    found = [
+        module
+        for name, module in model.named_modules()
+        if id(module) not in inside
+        and ("norm" in name.rsplit(".", 1)[-1].lower() or name.endswith(("ln_f", "ln_out")))
+    ]
+    assert len(found) == 1, f"expected one final norm, found {len(found)}"
+    return found[0]
+
+
 def test_capture_equals_reference_forward(family: tuple[str, nn.Module]) -> None:
     name, model = family
     ids, mask = _batch(name)
@@ -108,6 +127,26 @@ def test_capture_equals_reference_forward(family: tuple[str, nn.Module]) -> None
     ]
     if exact == 0:
         pairs.append((0, -1))
+    # position L, the last block's output, is the input of the final norm: read it there
+    norm_inputs: list[torch.Tensor] = []
+    norm = _final_norm(model)
+    handle = norm.register_forward_pre_hook(lambda m, args: norm_inputs.append(args[0]))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, **kwargs)
+    finally:
+        handle.remove()
+    assert len(norm_inputs) == 1, f"{name}: the final norm ran {len(norm_inputs)} times"
+    last = norm_inputs[0].float()
+    last = (last * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+    layers = find_blocks(model).num_layers
+    torch.testing.assert_close(
+        captured.response_mean[:, layers],
+        last,
+        rtol=1e-5,
+        atol=1e-5,
+        msg=lambda m: f"{name}: position L ({layers}) vs the final norm's input: {m}",
+    )
     for index, entry_index in pairs:
         if entry_index < 0:
             expected = model.get_input_embeddings()(ids).float()
@@ -181,6 +220,49 @@ def test_cached_steered_generation_equals_recomputation(
     torch.testing.assert_close(step_logits, recomputed, rtol=1e-4, atol=1e-4, msg=name)
 
 
+def _generate_logits(model: nn.Module, ids: torch.Tensor, use_cache: bool) -> torch.Tensor:
+    """Logits of a bare greedy ``model.generate`` call of 3 tokens, [1, 3, V]."""
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=3,
+            do_sample=False,
+            pad_token_id=zoo.PAD_ID,
+            eos_token_id=None,
+            use_cache=use_cache,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "uncached"])
+@pytest.mark.parametrize("positions", ["prompt", "generated"])
+def test_reused_handle_finds_each_new_sequence(
+    family: tuple[str, nn.Module], positions: str, use_cache: bool
+) -> None:
+    """Two bare ``model.generate`` calls inside one steering handle (prompts of 7, then 4
+    tokens; no ``reset_positions``): the second is steered exactly as by a fresh handle."""
+    name, model = family
+    generator = torch.Generator().manual_seed(7)
+    first, second = (
+        torch.randint(3, zoo.VOCAB_SIZE, (1, length), generator=generator)
+        for length in (PROMPT_LEN, PROMPT_LEN - 3)
+    )
+    vector = _random_vector(model, scale=2.0)
+    layer = max(1, find_blocks(model).num_layers // 2)
+    spec = SteeringSpec(vector, 1.0, layer, positions=positions)  # type: ignore[arg-type]
+    with steer(model, spec):
+        _generate_logits(model, first, use_cache)
+        reused = _generate_logits(model, second, use_cache)
+    with steer(model, spec):
+        fresh = _generate_logits(model, second, use_cache)
+    plain = _generate_logits(model, second, use_cache)
+    assert not torch.allclose(plain, fresh, rtol=1e-4, atol=1e-4), "steering had no effect"
+    torch.testing.assert_close(reused, fresh, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_hooks_removed_after_exception(family: tuple[str, nn.Module]) -> None:
     _, model = family
     vector = _random_vector(model)
@@ -228,6 +310,55 @@ def test_capture_during_generation_equals_forward(family: tuple[str, nn.Module])
         rtol=1e-4,
         atol=1e-4,
     )
+
+
+# what transformers' own limits (ZooEntry.decoding) mean for batching
+EXPECTED_BATCHING = {"exact": "padded", "no-left-padding": "equal-length", "batch-1": "single"}
+WORD_PROMPTS = ["w10 w11 w12", "w20 w21 w22 w23 w24 w25", "w30 w31", "w40 w41 w42 w43 w44 w45"]
+
+
+def test_batching_probe_finds_the_family(family: tuple[str, nn.Module]) -> None:
+    """The probe flags exactly the families that transformers decodes wrongly in a padded
+    batch (and no other), by what the loaded model does."""
+    from persona_lens.core.batching import batching_mode
+
+    name, model = family
+    assert batching_mode(model, zoo.PAD_ID) == EXPECTED_BATCHING[zoo.ZOO[name].decoding]
+
+
+def test_generate_equals_unbatched(family: tuple[str, nn.Module]) -> None:
+    """``generate()`` of four prompts of three lengths in one call equals four calls of one
+    prompt each (tokens and captured activations); so does ``capture_sequences``."""
+    from persona_lens.core.capture import capture_sequences
+    from persona_lens.core.generation import generate
+
+    name, model = family
+    tok = zoo.tokenizer()
+    options: dict[str, object] = {"max_new_tokens": 4, "capture_layers": None}
+    batched = generate(model, tok, WORD_PROMPTS, batch_size=4, **options)  # type: ignore[arg-type]
+    alone = [generate(model, tok, [p], **options)[0] for p in WORD_PROMPTS]  # type: ignore[arg-type]
+    assert [g.response_ids for g in batched] == [g.response_ids for g in alone], name
+    for k, (got, expected) in enumerate(zip(batched, alone, strict=True)):
+        for key in ("prompt_last", "prompt_mean", "response_mean"):
+            torch.testing.assert_close(
+                getattr(got, key),
+                getattr(expected, key),
+                rtol=1e-4,
+                atol=1e-4,
+                msg=lambda m, k=k, key=key: f"{name} prompt {k} {key}: {m}",
+            )
+    prompt_ids = [tok(g.prompt_text, add_special_tokens=False)["input_ids"] for g in alone]
+    responses = [g.response_ids for g in alone]
+    together = capture_sequences(model, prompt_ids, responses, pad_token_id=zoo.PAD_ID)
+    for k, (got, expected) in enumerate(zip(together, alone, strict=True)):
+        assert got.response_mean is not None and expected.response_mean is not None
+        torch.testing.assert_close(
+            got.response_mean[0],
+            expected.response_mean,
+            rtol=1e-4,
+            atol=1e-4,
+            msg=lambda m, k=k: f"{name} capture_sequences row {k}: {m}",
+        )
 
 
 EXPECTED_LETTERS = {

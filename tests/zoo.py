@@ -42,7 +42,9 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import PreTrainedModel
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers.models import WordLevel
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 VOCAB_SIZE: int = 128
 PAD_ID: int = 0
@@ -636,6 +638,25 @@ _ENTRIES: list[ZooEntry] = [
 ]
 
 ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the zoo's vocabulary: the special tokens at their ids,
+    ``user``, ``assistant``, ``system`` and ``:`` for the plain chat rendering, then words
+    ``w8`` .. ``w127``; left padding with ``<pad>``."""
+    words = ["<pad>", "<s>", "</s>", "<unk>", "user", "assistant", "system", ":"]
+    words += [f"w{i}" for i in range(len(words), VOCAB_SIZE)]
+    model = WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")
+    backend = Tokenizer(model)
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
 
 
 def build(name: str) -> PreTrainedModel:

@@ -54,6 +54,8 @@ _EXPORTS: dict[str, str] = {
     "GuardSpec": "persona_lens.monitoring.guard",
     "guard": "persona_lens.monitoring.guard",
     "generate_guarded": "persona_lens.monitoring.guard",
+    # one owner per model
+    "owning": "persona_lens.core.ownership",
     # fine-tuning with preventative steering
     "train": "persona_lens.training.run",
     "TrainResult": "persona_lens.training.run",
@@ -64,6 +66,7 @@ _EXPORTS: dict[str, str] = {
     "FinetuningShift": "persona_lens.training.shift",
     # errors
     "PersonaLensError": "persona_lens.core.errors",
+    "ModelBusyError": "persona_lens.core.errors",
 }
 
 __all__ = [
@@ -77,6 +80,7 @@ __all__ = [
     "GuardSpec",
     "Intervention",
     "LoadedModel",
+    "ModelBusyError",
     "Monitor",
     "PersonaLensError",
     "PersonaVector",
@@ -101,6 +105,7 @@ __all__ = [
     "load_judge",
     "load_model",
     "load_trait",
+    "owning",
     "preset_config",
     "screen",
     "steer",
@@ -132,9 +137,10 @@ if TYPE_CHECKING:
         capture_forward,
         capture_sequences,
     )
-    from persona_lens.core.errors import PersonaLensError
+    from persona_lens.core.errors import ModelBusyError, PersonaLensError
     from persona_lens.core.generation import Generation, generate
     from persona_lens.core.models import LoadedModel, load_model
+    from persona_lens.core.ownership import owning
     from persona_lens.core.steering import SteeringHandle, SteeringSpec, steer
     from persona_lens.core.vectors import PersonaVector, cosine_similarity
     from persona_lens.extraction.extract import ExtractionOptions, ExtractionResult, extract

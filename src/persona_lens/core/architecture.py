@@ -357,6 +357,17 @@ def _uses_sliding_window(block: nn.Module, model: nn.Module | None) -> bool:
     return isinstance(window, int) and window > 0 and bool(use_window)
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's input ids go: the device of its input embeddings (the first device of
+    a model split with ``device_map``), else of its first parameter."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    return next(model.parameters()).device
+
+
 def block_hidden(output: Any) -> torch.Tensor:
     """The hidden-state tensor inside a block's output (tensor, tuple or ModelOutput)."""
     if isinstance(output, torch.Tensor):

@@ -1,9 +1,12 @@
 """Batched chat generation with steering and activation capture in the same pass.
 
 Prompts are rendered with the tokenizer's chat template, sorted by length, batched with left
-padding and generated with HF ``generate``. Steering hooks and an
-:class:`~persona_lens.core.capture.ActivationCapture` ride along, so every response comes back
-with its activations and monitor projections without a second forward pass.
+padding and generated with HF ``generate`` - or, for a family that transformers decodes wrongly
+in a padded batch (:mod:`persona_lens.core.batching`), in padding-free batches of equal-length
+prompts or one prompt at a time, so every family's output equals unbatched generation.
+Steering hooks and an :class:`~persona_lens.core.capture.ActivationCapture` ride along, so
+every response comes back with its activations and monitor projections without a second
+forward pass.
 
 To capture the activation of a response's last token, which ``generate`` never feeds back,
 a capturing run generates one token more than asked and cuts the response to the asked length.
@@ -18,11 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from persona_lens.core.architecture import BlockLayout, find_blocks
+from persona_lens.core.architecture import BlockLayout, find_blocks, input_device
+from persona_lens.core.batching import batch_groups, batching_mode
 from persona_lens.core.capture import ActivationCapture, CaptureResult, Monitor
 from persona_lens.core.decoding import DecodingChecks, interruptible, raise_if_interrupted
 from persona_lens.core.errors import InputError
 from persona_lens.core.messages import check_messages, check_prefill, check_tool_support
+from persona_lens.core.ownership import owning
 from persona_lens.core.steering import SteeringHandle, SteeringSpec, compile_specs
 
 Message = dict[str, str]
@@ -148,7 +153,9 @@ def generate(
 
     ``capture_layers=None`` captures all layer positions 0..L; ``()`` captures none (monitor
     projections are still recorded). A steering spec whose coefficient is a list with one value
-    per prompt steers each prompt with its own coefficient, batched together. Ctrl-C stops
+    per prompt steers each prompt with its own coefficient, batched together. The calling
+    thread holds the model for the whole call (one owner per model: a call from another
+    thread meanwhile raises :class:`~persona_lens.core.errors.ModelBusyError`). Ctrl-C stops
     at the next decoding step (KeyboardInterrupt); NaN/inf logits raise NonFiniteError.
     """
     if not prompts:
@@ -182,32 +189,38 @@ def generate(
             response_mean=capture_layers is None or len(capture_layers) > 0,
         )
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
     results: list[Generation | None] = [None] * len(texts)
-    for batch_index, start in enumerate(range(0, len(order), batch_size)):
-        rows = order[start : start + batch_size]
-        batch_specs = _specs_for_rows(specs, rows, len(prompts))
-        handle = SteeringHandle(model, compile_specs(batch_specs, layout), layout)
-        if seed is not None:
-            torch.manual_seed(seed + batch_index)
-        with handle, torch.no_grad():
-            outputs = _generate_batch(
-                model,
-                tokenizer,
-                [texts[i] for i in rows],
-                capture,
-                handle,
-                max_new_tokens=max_new_tokens,
-                eos_ids=eos_ids,
-                generate_kwargs=_sampling_kwargs(do_sample, temperature, top_p),
-                steering=batch_specs,
-            )
-        for row, out in zip(rows, outputs, strict=True):
-            results[row] = out
-        if progress is not None:
-            progress(len(rows))
-        raise_if_interrupted()
+    with owning(model):
+        mode = batching_mode(model, _pad_id(tokenizer, eos_ids))
+        for batch_index, rows in enumerate(batch_groups(lengths, mode, batch_size)):
+            batch_specs = _specs_for_rows(specs, rows, len(prompts))
+            handle = SteeringHandle(model, compile_specs(batch_specs, layout), layout)
+            if seed is not None:
+                torch.manual_seed(seed + batch_index)
+            with handle, torch.no_grad():
+                outputs = _generate_batch(
+                    model,
+                    tokenizer,
+                    [texts[i] for i in rows],
+                    capture,
+                    handle,
+                    max_new_tokens=max_new_tokens,
+                    eos_ids=eos_ids,
+                    generate_kwargs=_sampling_kwargs(do_sample, temperature, top_p),
+                    steering=batch_specs,
+                )
+            for row, out in zip(rows, outputs, strict=True):
+                results[row] = out
+            if progress is not None:
+                progress(len(rows))
+            raise_if_interrupted()
     return [r for r in results if r is not None]
+
+
+def _pad_id(tokenizer: Any, eos_ids: list[int]) -> int | None:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return eos_ids[0] if eos_ids else None
 
 
 def _sampling_kwargs(do_sample: bool, temperature: float, top_p: float) -> dict[str, Any]:
@@ -246,14 +259,14 @@ def _generate_batch(
     generate_kwargs: dict[str, Any],
     steering: Sequence[SteeringSpec] = (),
 ) -> list[Generation]:
-    device = next(model.parameters()).device
+    device = input_device(model)
     encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     input_ids = encoded["input_ids"].to(device)
     attention_mask = encoded["attention_mask"].to(device)
     prompt_length = int(input_ids.shape[1])
     handle.reset_positions(prompt_length)
     extra = 1 if capture is not None else 0
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    pad_id = _pad_id(tokenizer, eos_ids)
     checks = DecodingChecks(handle.layout).attach()  # Ctrl-C, NaN/inf: stop at the next step
     if capture is not None:
         capture.begin(max_response_tokens=max_new_tokens)

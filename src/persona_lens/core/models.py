@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from persona_lens.core.architecture import BlockLayout, find_blocks
+from persona_lens.core.architecture import BlockLayout, find_blocks, input_device
 from persona_lens.core.errors import InputError, ModelSpecError
 
 EMBEDDED = "embedded"
@@ -62,6 +62,7 @@ _VOLATILE_KEYS = {
     "return_dict",
 }
 _MiB = 1 << 20
+DeviceMap = str | dict[str, Any]
 
 
 @dataclass
@@ -244,7 +245,11 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
 
 
 def _load_pretrained(
-    path: str, spec: str, dtype: torch.dtype, **kwargs: Any
+    path: str,
+    spec: str,
+    dtype: torch.dtype,
+    device_map: DeviceMap | None = None,
+    **kwargs: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Tokenizer and model from a directory or hub id, with SDPA attention where supported."""
     folder = Path(path)
@@ -254,6 +259,7 @@ def _load_pretrained(
             f"{', '.join(TOKENIZER_FILES)}); save it beside the weights with "
             "tokenizer.save_pretrained(FOLDER)"
         )
+    placement: dict[str, Any] = {} if device_map is None else {"device_map": device_map}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except Exception as exc:
@@ -262,10 +268,10 @@ def _load_pretrained(
         model_class = _generative_class(path, **kwargs)
         try:
             model = model_class.from_pretrained(
-                path, dtype=dtype, attn_implementation="sdpa", **kwargs
+                path, dtype=dtype, attn_implementation="sdpa", **placement, **kwargs
             )
         except (ValueError, ImportError):
-            model = model_class.from_pretrained(path, dtype=dtype, **kwargs)
+            model = model_class.from_pretrained(path, dtype=dtype, **placement, **kwargs)
     except Exception as exc:
         raise _fail(spec, exc) from exc
     return model, tokenizer
@@ -413,13 +419,28 @@ def load_model(
     *,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
+    device_map: DeviceMap | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer (left padding, pad token set), in eval mode."""
+    """Load a causal LM and its tokenizer (left padding, pad token set), in eval mode.
+
+    ``device_map`` (``"auto"`` or a dict of module path -> device, needs ``accelerate``:
+    ``pip install 'persona-lens[accelerate]'``) spreads the model over several devices, as in
+    ``from_pretrained``; steering and capture hooks follow each block's device. It replaces
+    ``device``; ``.device`` is then the device of the input embeddings.
+    """
+    if device_map is not None:
+        if device is not None:
+            raise InputError("give device or device_map, not both")
+        if importlib.util.find_spec("accelerate") is None:
+            raise InputError("device_map needs accelerate: pip install 'persona-lens[accelerate]'")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     source, why = _resolve_source(spec)
+    offline = bool(why)
     try:
-        model, tokenizer = _load_pretrained(source, spec, torch_dtype, local_files_only=bool(why))
+        model, tokenizer = _load_pretrained(
+            source, spec, torch_dtype, device_map, local_files_only=offline
+        )
     except ModelSpecError as exc:
         gguf = _gguf_source(spec)
         if gguf is None:
@@ -429,8 +450,12 @@ def load_model(
                 ) from exc
             raise
         shutil.rmtree(source, ignore_errors=True)  # a damaged cache entry: rebuild it once
-        model, tokenizer = _load_pretrained(str(_ensure_gguf_cache(gguf, spec)), spec, torch_dtype)
-    cast(Any, model).to(dev)  # transformers types `to` oddly
+        rebuilt = str(_ensure_gguf_cache(gguf, spec))
+        model, tokenizer = _load_pretrained(rebuilt, spec, torch_dtype, device_map)
+    if device_map is None:
+        cast(Any, model).to(dev)  # transformers types `to` oddly
+    else:
+        dev = input_device(model)
     model.eval()
     prepare_tokenizer(tokenizer)
     gen = getattr(model, "generation_config", None)

@@ -38,6 +38,7 @@ from persona_lens.core.generation import (
     generate,
     render_prompt,
 )
+from persona_lens.core.ownership import ModelClaim, claim_model, release_model
 from persona_lens.core.positions import read_forward_inputs
 from persona_lens.core.steering import SteeringSpec
 from persona_lens.core.vectors import PersonaVector, check_layer
@@ -175,6 +176,7 @@ class _GuardState:
         return self._cache[key]
 
     def monitor_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        self.handle.check_owner()
         valid = self.handle.valid
         if valid is None or self.first_index is None or self.first_value is None:
             return None  # a prompt forward, or nothing started
@@ -195,6 +197,7 @@ class _GuardState:
         return None
 
     def steer_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        self.handle.check_owner()
         if self.handle.valid is None or not self.guard.steers:
             return None
         return with_block_hidden(output, self.steered(block_hidden(output)))
@@ -247,6 +250,7 @@ class GuardHandle:
         self._fresh = True
         self._done: list[GuardEvent] = []
         self._handles: list[RemovableHandle] = []
+        self._claim: ModelClaim | None = None
 
     @property
     def active(self) -> bool:
@@ -264,6 +268,7 @@ class GuardHandle:
     def attach(self) -> GuardHandle:
         if self.active:
             return self
+        self._claim = claim_model(self.model)  # one owner per model
         self._handles.append(
             self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
         )
@@ -281,6 +286,9 @@ class GuardHandle:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._claim is not None:
+            self._claim = None
+            release_model(self.model)
 
     def __enter__(self) -> GuardHandle:
         return self.attach()
@@ -291,7 +299,13 @@ class GuardHandle:
     def _current_events(self) -> list[GuardEvent]:
         return [e for s in self.states for e in s.events(self._rows, self.attempt)]
 
+    def check_owner(self) -> None:
+        """Refuse a forward from a thread that does not hold the model (one owner per model)."""
+        if self._claim is not None:
+            self._claim.check()
+
     def _on_forward(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        self.check_owner()
         if not self.states:
             return  # nothing to watch (e.g. a chat turn without guards)
         inputs = read_forward_inputs(args, kwargs)

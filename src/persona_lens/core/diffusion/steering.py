@@ -24,6 +24,7 @@ from torch import nn
 
 from persona_lens.core.architecture import BlockLayout, block_hidden, with_block_hidden
 from persona_lens.core.diffusion.phases import PhaseTracker
+from persona_lens.core.ownership import ModelClaim, claim_model
 from persona_lens.core.steering import SteeringHandle
 
 
@@ -37,13 +38,20 @@ class DiffusionSteeringHandle(SteeringHandle):
     def attach(self) -> DiffusionSteeringHandle:
         if self.active or not self.plan:
             return self
-        self.phases.attach()
-        for stream in self.layout.streams:
-            for layer, ops in sorted(self.plan.items()):
-                block = stream.blocks[layer - 1]
-                # prepend: steering runs before any capture hook, which then sees the steered stream
-                hook = block.register_forward_hook(self._make_hook(ops), prepend=True)
-                self._handles.append(hook)
+        self._claim = claim_model(self.model)  # one owner per model, as for any handle
+        try:
+            self.phases.attach()
+            for stream in self.layout.streams:
+                for layer, ops in sorted(self.plan.items()):
+                    block = stream.blocks[layer - 1]
+                    # prepend: steering runs before any capture hook, which sees the steered stream
+                    hook = block.register_forward_hook(
+                        self._make_hook(ops, self._claim), prepend=True
+                    )
+                    self._handles.append(hook)
+        except BaseException:
+            self.remove()
+            raise
         return self
 
     def remove(self) -> None:
@@ -53,8 +61,9 @@ class DiffusionSteeringHandle(SteeringHandle):
     def reset_positions(self, prompt_length: int | None = None) -> None:
         """Nothing to reset: each forward's phase is read from the model's cache."""
 
-    def _make_hook(self, ops: list[Any]) -> Callable[..., Any]:
+    def _make_hook(self, ops: list[Any], claim: ModelClaim) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            claim.check()  # a forward of another thread, already running when we attached
             hidden = block_hidden(output)
             steered = hidden
             for op in ops:
