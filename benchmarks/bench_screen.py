@@ -392,9 +392,11 @@ def part_ray(args: argparse.Namespace, loaded: LoadedModel, spec: str) -> str:
             ]
         )
     same = all(np.allclose(outputs["local1"], outputs[k], atol=1e-5) for k in outputs)
+    # a random model is screened from a saved copy: name it by its preset, not that folder
+    title = args.model if args.model.startswith("random:") else _name(loaded)
     return "\n".join(
         [
-            f"### Screening with Ray: {_name(loaded)}, {args.ray_mode} mode",
+            f"### Screening with Ray: {title}, {args.ray_mode} mode",
             "",
             f"- command: `{command_line()}`",
             *machine_lines(loaded.device),
