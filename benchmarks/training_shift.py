@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             rows += run_trait(lm, trait, vector, args, scratch)
     config = preset_config(args.preset)
     table = md_table(
-        ["trait", "run", "shift at layer", "|change| at layer", "train loss first -> last",
+        ["trait", "run", "shift at layer", "\\|change\\| at layer", "train loss first -> last",
          "held-out loss base -> tuned (no steering)"],
         [[r["trait"], r["run"], f"{r['shift']:+.2f} (L{r['layer']})", f"{r['change_norm']:.1f}",
           f"{r['first_loss']:.3f} -> {r['final_loss']:.3f}",
