@@ -9,11 +9,10 @@ numbers in benchmarks/RESULTS.md use too). On a CI subset of the shipped synthet
   and above every one of CONTROLS random directions of the same norm at the same layer;
 - the dataset-level ΔP orders Normal < I < II for every trait.
 
-MIN_AUROC comes from the seed-to-seed spread measured with ``python benchmarks/bench_screen.py
---part seeds`` (benchmarks/RESULTS.md, "Screening: AUROC across extraction seeds"): over seeds
-0-2 and all 160 questions the lowest AUROC of any trait was 0.94 and the seed-to-seed standard
-deviation at most 0.03; on the 32-question subset the sampling error of an AUROC near 0.95 is
-about 0.02 more. 0.85 is that lowest value minus three of those spreads.
+MIN_AUROC = 0.85 is provisional: the seed-to-seed spread that should justify it
+(``python benchmarks/bench_screen.py --parts seeds``: AUROC per trait over extraction seeds
+0-2) has not been recorded in benchmarks/RESULTS.md yet. The random-direction control above
+is the part of the test that does not depend on that number.
 """
 
 from __future__ import annotations
