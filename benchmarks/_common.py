@@ -124,6 +124,17 @@ def byte_tokenizer() -> Any:
     return tok
 
 
+def offline_tokenizer() -> Any:
+    """The embedded model's tokenizer, or the byte tokenizer where it is not installed."""
+    from persona_lens.core.models import load_model, prepare_tokenizer
+
+    try:
+        return load_model("embedded", device="cpu").tokenizer
+    except Exception as exc:  # no embedded model on this machine: fall back to bytes
+        print(f"embedded tokenizer unavailable ({exc}); using a byte tokenizer", file=sys.stderr)
+        return prepare_tokenizer(byte_tokenizer())
+
+
 def load_subject(spec: str, device: str, dtype: str) -> Subject:
     """``embedded`` or ``random:PRESET`` (a random Llama using the embedded tokenizer)."""
     from persona_lens.core.models import load_model, resolve_device, resolve_dtype
@@ -135,8 +146,12 @@ def load_subject(spec: str, device: str, dtype: str) -> Subject:
     preset = spec.split(":", 1)[1]
     if preset not in RANDOM_PRESETS:
         raise SystemExit(f"unknown random preset {preset!r}; choose from {sorted(RANDOM_PRESETS)}")
-    try:
-        tokenizer = load_model("embedded", device="cpu").tokenizer
+    try:  # the tokenizer only: the embedded weights are never loaded
+        from transformers import AutoTokenizer
+
+        from persona_lens.core.models import model_source, prepare_tokenizer
+
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(model_source("embedded")))
     except Exception as exc:  # no embedded model on this machine: fall back to bytes
         print(f"embedded tokenizer unavailable ({exc}); using a byte tokenizer", file=sys.stderr)
         tokenizer = byte_tokenizer()

@@ -1,12 +1,17 @@
 """Extraction wall time vs its lower bound (the bare generation of the same rollouts).
 
 Three ways to get the rollouts of ``persona extract --budget B`` (judge ``none`` so only the
-model's work is timed; the same prompts, batches, sampling and seeds in each):
+model's work is timed). All three do the same generation work: the rollout batches in the
+order and grouping the library uses (``generate`` sorts each batch by prompt length, and
+``core.batching`` may split it), the same seeds, one token more than the response length (the
+library feeds the last response token back to capture it); the script checks that they sample
+identical tokens and prints the token counts of each way:
 
-- ``bound``: plain HF ``generate`` of the rollout batches - no activations at all;
+- ``bound``: plain HF ``generate`` of those batches - no activations at all;
 - ``persona-lens``: the extraction rollouts, activations captured while generating;
 - ``generate-then-forward``: plain ``generate``, then a batched forward over prompt+response
-  to read the activations (the usual two-pass approach);
+  to read the activations (the usual two-pass approach); its response mask stops at each
+  row's end of sequence (no padding after EOS), so it reads the same tokens as the library;
 - with ``--vllm`` (vLLM installed): ``vllm bound`` (vLLM sampling only) and ``persona-lens
   vllm`` (the extraction rollouts with ``--backend vllm``: vLLM samples, one HF forward reads
   the activations). The engine starts once, before the timed runs; its start-up is reported.
@@ -43,8 +48,9 @@ from _common import (
 )
 
 from persona_lens.core.architecture import find_blocks
+from persona_lens.core.batching import batch_groups, batching_mode
 from persona_lens.core.capture import capture_forward
-from persona_lens.core.generation import eos_token_ids, render_chat
+from persona_lens.core.generation import eos_token_ids, render_chat, response_tokens
 from persona_lens.core.models import load_model, model_fingerprint
 from persona_lens.extraction.backends import load_backend
 from persona_lens.extraction.extract import BUDGETS, _mean_difference
@@ -53,6 +59,7 @@ from persona_lens.traits.definitions import load_trait
 
 
 def _batches(settings: RolloutSettings, trait: object) -> list[list[str]]:
+    """The rollout batches' prompt texts, in plan order (as the library builds them)."""
     items = plan(settings)
     return [
         [_render(trait, item) for item in items[i : i + settings.batch_size]]
@@ -66,6 +73,28 @@ def _render(trait: object, item: object) -> str:
     return render_chat(_TOKENIZER, messages)
 
 
+class FedTokens:
+    """Counts the tokens every forward of a model is fed (rows x positions), from a pre-hook."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.count = 0
+        self.forwards = 0
+        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor):
+            self.count += ids.numel()
+            self.forwards += 1
+
+    def take(self) -> tuple[int, int]:
+        out, self.count, self.forwards = (self.count, self.forwards), 0, 0
+        return out
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
 _TOKENIZER: object = None
 
 
@@ -75,6 +104,8 @@ def main() -> None:
     parser.add_argument("--budget", default="quick", choices=sorted(BUDGETS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=20)
+    parser.add_argument("--questions", type=int, default=0, help="fewer questions (0: budget's)")
+    parser.add_argument("--max-new-tokens", type=int, default=0, help="0: the budget's")
     parser.add_argument("--model", default="embedded", help="any persona-lens model spec")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
@@ -105,9 +136,9 @@ def main() -> None:
     budget = BUDGETS[args.budget]
     settings = RolloutSettings(
         budget.pairs,
-        budget.questions,
+        args.questions or budget.questions,
         budget.samples,
-        budget.max_new_tokens,
+        args.max_new_tokens or budget.max_new_tokens,
         1.0,
         args.batch_size,
         0,
@@ -117,41 +148,71 @@ def main() -> None:
     eos = eos_token_ids(model, tok)
     fingerprint = model_fingerprint(model, tok)
 
-    def sample(i: int, texts: list[str]) -> tuple[Any, torch.Tensor]:
-        """Plain HF sampling of one rollout batch, seeded as the extraction seeds it."""
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
-        torch.manual_seed(settings.seed * 100_003 + i)
-        with torch.no_grad():
-            out = model.generate(
-                **enc,
-                max_new_tokens=settings.max_new_tokens + 1,
-                do_sample=True,
-                temperature=1.0,
-                top_p=1.0,
-                top_k=None,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=eos,
-            )
-        return enc, out
+    mode = batching_mode(model, tok.pad_token_id)
+    lengths = [[len(tok(t, add_special_tokens=False)["input_ids"]) for t in b] for b in batches]
+    # per rollout batch: the groups generate() makes of it (one padded group for most models)
+    groups = [batch_groups(lens, mode, len(lens)) for lens in lengths]
+
+    def sample(i: int) -> list[tuple[list[int], Any, torch.Tensor]]:
+        """Plain HF sampling of rollout batch ``i``, grouped, ordered and seeded as
+        ``generate()`` does it inside the extraction: (rows, encoding, output) per group."""
+        out = []
+        for j, rows in enumerate(groups[i]):
+            texts = [batches[i][r] for r in rows]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(lm.device)
+            torch.manual_seed(settings.seed * 100_003 + i + j)
+            with torch.no_grad():
+                sequences = model.generate(
+                    **enc,
+                    max_new_tokens=settings.max_new_tokens + 1,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_p=1.0,
+                    top_k=None,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=eos,
+                    use_cache=True,
+                )
+            out.append((rows, enc, sequences))
+        return out
+
+    sampled: dict[str, dict[tuple[int, int], list[int]]] = {}  # way -> (batch, row) -> ids
+
+    def keep(way: str, i: int, rows: list[int], prompt_len: int, sequences: Any) -> None:
+        for k, r in enumerate(rows):
+            ids = response_tokens(sequences[k, prompt_len:].tolist(), eos, settings.max_new_tokens)
+            sampled.setdefault(way, {})[(i, r)] = ids
 
     def bound() -> tuple[float, int]:
-        tokens, start = 0, time.perf_counter()
-        for i, texts in enumerate(batches):
-            enc, out = sample(i, texts)
-            tokens += int(out.shape[0] * (out.shape[1] - enc["input_ids"].shape[1]))
-        return time.perf_counter() - start, tokens
+        start = time.perf_counter()
+        for i in range(len(batches)):
+            for rows, enc, sequences in sample(i):
+                keep("bound", i, rows, enc["input_ids"].shape[1], sequences)
+        return time.perf_counter() - start, 0
+
+    two_pass_means: dict[tuple[int, int], torch.Tensor] = {}
 
     def two_pass() -> tuple[float, int]:
-        tokens, start = 0, time.perf_counter()
-        for i, texts in enumerate(batches):
-            enc, out = sample(i, texts)
-            prompt_len = enc["input_ids"].shape[1]
-            mask = torch.cat([enc["attention_mask"], torch.ones_like(out[:, prompt_len:])], 1)
-            response = torch.zeros_like(out, dtype=torch.bool)
-            response[:, prompt_len:] = True
-            capture_forward(model, out, mask, response, layout=layout)
-            tokens += int(out.shape[0] * (out.shape[1] - prompt_len))
-        return time.perf_counter() - start, tokens
+        start = time.perf_counter()
+        for i in range(len(batches)):
+            for rows, enc, sequences in sample(i):
+                prompt_len = enc["input_ids"].shape[1]
+                keep("generate-then-forward", i, rows, prompt_len, sequences)
+                width = min(sequences.shape[1], prompt_len + settings.max_new_tokens)
+                full = sequences[:, :width]
+                mask = torch.cat(
+                    [enc["attention_mask"], torch.ones_like(full[:, prompt_len:])], dim=1
+                )
+                response = torch.zeros_like(full, dtype=torch.bool)
+                for k, r in enumerate(rows):  # up to the row's end of sequence, not after it
+                    n = len(sampled["generate-then-forward"][(i, r)])
+                    response[k, prompt_len : prompt_len + n] = True
+                captured = capture_forward(model, full, mask, response, layout=layout)
+                assert captured.response_mean is not None
+                for k, r in enumerate(rows):
+                    two_pass_means[(i, r)] = captured.response_mean[k]
+        return time.perf_counter() - start, 0
 
     last: dict[str, list[Rollout]] = {}
 
@@ -168,6 +229,7 @@ def main() -> None:
         last[key or f"{backend.name} seed {run_settings.seed}"] = rollouts
         return seconds, sum(r.num_tokens for r in rollouts)
 
+    counter = FedTokens(model)
     functions: dict[str, Any] = {
         "bound": bound,
         "persona-lens": lambda: rollouts_with(hf_backend, settings),
@@ -208,14 +270,45 @@ def main() -> None:
         functions["persona-lens vllm"] = lambda: rollouts_with(vllm_backend, settings)
 
     runs: dict[str, list[float]] = {name: [] for name in functions}
+    cpu: dict[str, list[float]] = {name: [] for name in functions}
+    fed: dict[str, tuple[int, int]] = {}
     bound()  # warm-up
+    counter.take()
     for repeat in range(args.repeats):
         names = list(functions)
         names = names[repeat % len(names) :] + names[: repeat % len(names)]
         for name in names:
+            cpu0 = time.process_time()
             seconds, _ = functions[name]()
+            cpu[name].append(time.process_time() - cpu0)
             runs[name].append(seconds)
+            fed[name] = counter.take()
             print(f"{name}: {seconds:.2f} s", flush=True)
+    counter.remove()
+
+    library = last["hf seed 0"]
+    items = plan(settings)
+    keys = [(k // settings.batch_size, k % settings.batch_size) for k in range(len(library))]
+    response_tokens_of = {
+        "bound": sum(len(v) for v in sampled["bound"].values()),
+        "persona-lens": sum(r.num_tokens for r in library),
+        "generate-then-forward": sum(len(v) for v in sampled["generate-then-forward"].values()),
+    }
+    same_as_bound = {
+        "persona-lens": sum(
+            tok.decode(sampled["bound"][key], skip_special_tokens=True) == r.response
+            for key, r in zip(keys, library, strict=True)
+        ),
+        "generate-then-forward": sum(
+            sampled["generate-then-forward"][key] == ids for key, ids in sampled["bound"].items()
+        ),
+    }
+    gaps = [
+        float((two_pass_means[key] - r.response_mean).norm() / r.response_mean.norm())
+        for key, r in zip(keys, library, strict=True)
+        if r.num_tokens > 0
+    ]
+    assert len(items) == len(library)
 
     agreement: list[list[str]] = []
     if args.vllm:
@@ -243,8 +336,22 @@ def main() -> None:
                 ]
             )
 
-    base = median(runs["bound"])
-    rows = [[name, f"{median(v):.2f}", pct(base / median(v))] for name, v in runs.items()]
+    base, base_cpu = median(runs["bound"]), median(cpu["bound"])
+    rows = [
+        [
+            name,
+            f"{median(v):.2f}",
+            f"{median(cpu[name]):.2f}",
+            pct(base / median(v)),
+            pct(base_cpu / median(cpu[name])),
+            str(response_tokens_of.get(name, "")),
+            f"{fed[name][0]} in {fed[name][1]} forwards" if name in fed else "",
+            ""
+            if name == "bound" or name not in same_as_bound
+            else f"{same_as_bound[name]}/{len(items)}",
+        ]
+        for name, v in runs.items()
+    ]
     lines = [
         f"## Extraction rollouts vs the bare generation bound (`--budget {args.budget}`)",
         "",
@@ -258,11 +365,31 @@ def main() -> None:
         f"{settings.max_new_tokens} new tokens max, all {layout.num_layers + 1} layer "
         f"positions captured; median of {args.repeats} interleaved runs.",
         "",
-        md_table(["way", "seconds", "vs bound"], rows),
+        md_table(
+            [
+                "way",
+                "wall s",
+                "CPU s",
+                "vs bound (wall)",
+                "vs bound (CPU)",
+                "response tokens",
+                "tokens fed to the model",
+                "same responses as bound",
+            ],
+            rows,
+        ),
         "",
         "`persona-lens` captures response/prompt means of every layer while generating; "
-        "`generate-then-forward` reads them with a second batched forward pass. Goal: within "
-        "15% of the bound.",
+        "`generate-then-forward` reads them with a second batched forward pass. All three "
+        f"sample the same tokens in the same batches (batching mode `{mode}`; each batch "
+        "sorted by prompt length and seeded as `generate()` does it). `tokens fed` counts "
+        "rows x positions over every forward of the last run (`generate-then-forward`: "
+        "decoding plus the second pass). Goal: within 15% of the bound. CPU s is this "
+        "process's CPU time: on a shared machine its ratios are the less noisy ones.",
+        "",
+        "Response means of `generate-then-forward` vs `persona-lens`, per rollout: max "
+        f"relative difference {max(gaps):.1e} (the two-pass response mask stops at each "
+        "row's end of sequence).",
     ]
     if args.vllm:
         lines += [

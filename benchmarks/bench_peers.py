@@ -13,7 +13,13 @@
    similarity of the resulting vectors.
 3. Activation capture for screening: ``capture_forward`` (all layers: response mean, prompt
    mean, prompt last) vs a plain forward with ``output_hidden_states=True`` reduced the same
-   way, vs a bare forward.
+   way, vs a bare forward. ``capture_forward`` asks for the logits of the last position only
+   (``logits_to_keep=1``), so every way runs twice, with all logits ([B, T, vocab]) and with
+   ``logits_to_keep=1``, and is compared with the bare forward that computes the same logits:
+   the LM head is not what is being measured.
+
+In part 2 the peers compute all logits (they call the model plainly), so persona-lens also
+runs with all logits there (its capture hooks on a plain forward) next to ``capture_forward``.
 
 Layer convention: persona-lens position l = output of block l (1-based) = repeng / steering-
 vectors layer index l-1. repeng reads ``output_hidden_states``, whose last entry is after the
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import sys
@@ -66,7 +73,12 @@ from _common import (
 from torch import nn
 
 from persona_lens.core.architecture import BlockLayout, find_blocks
-from persona_lens.core.capture import capture_forward, padded_forward_kwargs
+from persona_lens.core.capture import (
+    ActivationCapture,
+    CaptureResult,
+    capture_forward,
+    padded_forward_kwargs,
+)
 from persona_lens.core.generation import generate
 from persona_lens.core.steering import SteeringSpec, steer, steering_vector
 from persona_lens.traits.definitions import load_trait
@@ -88,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--coefficient", type=float, default=4.0)
     p.add_argument("--parts", default="1,2,3", help="comma list of 1 (steer), 2 (extract), 3")
     return p.parse_args(argv)
+
+
+LAST_LOGITS = 1  # what capture_forward asks for: the logits of the last position only
 
 
 # --- contrastive pairs --------------------------------------------------------------------
@@ -149,18 +164,45 @@ def batches(texts: Texts, size: int) -> Iterator[Texts]:
 
 
 # --- part 2: extraction -------------------------------------------------------------------
-def pl_extract(s: Subject, pos: Texts, neg: Texts, bs: int, layout: BlockLayout) -> torch.Tensor:
-    """persona-lens: mean over responses of response-averaged activations, pos - neg."""
+def pl_extract(
+    s: Subject,
+    pos: Texts,
+    neg: Texts,
+    bs: int,
+    layout: BlockLayout,
+    keep: int | None = LAST_LOGITS,
+) -> torch.Tensor:
+    """persona-lens: mean over responses of response-averaged activations, pos - neg
+    (``keep=None``: with all logits, the work the peers do)."""
     means = []
     for side in (pos, neg):
         rows = []
         for chunk in batches(side, bs):
             ids, attn, resp = encode(s, chunk)
-            result = capture_forward(s.model, ids, attn, resp, layout=layout)
+            result = pl_capture_batch(s, ids, attn, resp, layout, keep)
             assert result.response_mean is not None
             rows.append(result.response_mean)
         means.append(torch.cat(rows).mean(0))
     return means[0] - means[1]  # [L+1, d]
+
+
+def pl_capture_batch(
+    s: Subject,
+    ids: torch.Tensor,
+    attn: torch.Tensor,
+    resp: torch.Tensor,
+    layout: BlockLayout,
+    keep: int | None,
+) -> CaptureResult:
+    """``capture_forward`` (``keep=1``), or the same capture hooks on a forward that computes
+    all logits (``keep=None``)."""
+    if keep == LAST_LOGITS:
+        return capture_forward(s.model, ids, attn, resp, layout=layout)
+    capture = ActivationCapture(s.model, layout)
+    capture.begin(response_mask=resp)
+    with capture, torch.no_grad():
+        s.model(input_ids=ids, **padded_forward_kwargs(s.model, attn))
+    return capture.result()
 
 
 def pl_extract_last(s: Subject, pos: Texts, neg: Texts, bs: int, layout: Any) -> torch.Tensor:
@@ -384,14 +426,26 @@ def peer_host_cost(bench: SteerBench, rounds: int = 15, steps: int = 64) -> dict
 
 
 # --- part 3: capture for screening --------------------------------------------------------
-def hidden_states_capture(s: Subject, texts: Texts, bs: int) -> list[torch.Tensor]:
+def logits_kwargs(s: Subject, keep: int | None) -> dict[str, Any]:
+    """``logits_to_keep`` for the forward, where the model accepts it."""
+    if keep is None or "logits_to_keep" not in inspect.signature(s.model.forward).parameters:
+        return {}
+    return {"logits_to_keep": keep}
+
+
+def hidden_states_capture(
+    s: Subject, texts: Texts, bs: int, keep: int | None = None
+) -> list[torch.Tensor]:
     """A plain forward with output_hidden_states=True, reduced like capture_forward."""
     out = []
     for chunk in batches(texts, bs):
         ids, attn, resp = encode(s, chunk)
         with torch.no_grad():
             result = s.model(
-                input_ids=ids, output_hidden_states=True, **padded_forward_kwargs(s.model, attn)
+                input_ids=ids,
+                output_hidden_states=True,
+                **padded_forward_kwargs(s.model, attn),
+                **logits_kwargs(s, keep),
             )
         prompt = attn.bool() & ~resp
         wp = prompt.float() / prompt.sum(1, keepdim=True).clamp_min(1)
@@ -401,26 +455,28 @@ def hidden_states_capture(s: Subject, texts: Texts, bs: int) -> list[torch.Tenso
         rows = torch.arange(ids.shape[0], device=ids.device)
         means, pmeans, lasts = [], [], []
         for h in result.hidden_states:
-            means.append(torch.einsum("bt,btd->bd", wr.to(h.dtype), h).float())
-            pmeans.append(torch.einsum("bt,btd->bd", wp.to(h.dtype), h).float())
+            means.append(torch.einsum("bt,btd->bd", wr, h.float()))
+            pmeans.append(torch.einsum("bt,btd->bd", wp, h.float()))
             lasts.append(h[rows, last].float())
         out.append(torch.stack(means, 1).cpu())
         del result
     return out
 
 
-def forward_only(s: Subject, texts: Texts, bs: int) -> None:
+def forward_only(s: Subject, texts: Texts, bs: int, keep: int | None = None) -> None:
     for chunk in batches(texts, bs):
         ids, attn, _ = encode(s, chunk)
         with torch.no_grad():
-            s.model(input_ids=ids, **padded_forward_kwargs(s.model, attn))
+            s.model(input_ids=ids, **padded_forward_kwargs(s.model, attn), **logits_kwargs(s, keep))
 
 
-def pl_capture(s: Subject, texts: Texts, bs: int, layout: Any, **kw: Any) -> list[torch.Tensor]:
+def pl_capture(
+    s: Subject, texts: Texts, bs: int, layout: Any, keep: int | None = LAST_LOGITS
+) -> list[torch.Tensor]:
     out = []
     for chunk in batches(texts, bs):
         ids, attn, resp = encode(s, chunk)
-        result = capture_forward(s.model, ids, attn, resp, layout=layout)
+        result = pl_capture_batch(s, ids, attn, resp, layout, keep)
         assert result.response_mean is not None
         out.append(result.response_mean)
     return out
@@ -467,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
             "persona-lens (capture_forward, response mean diff)": lambda: pl_extract(
                 s, pos, neg, bs, layout
             ),
+            "persona-lens, all logits (the peers' work)": lambda: pl_extract(
+                s, pos, neg, bs, layout, keep=None
+            ),
             "repeng ControlVector.train (pca_diff, last token)": lambda: repeng_extract(
                 s, pos, neg, bs, n
             ),
@@ -485,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
             return run
 
         samples = interleaved({k: runner(k) for k in methods}, args.repeats, args.warmup)
-        pl_v, rp_v, sv_v = (vectors[k] for k in methods)
+        pl_v, pl_full_v, rp_v, sv_v = (vectors[k] for k in methods)
+        assert torch.allclose(pl_v, pl_full_v, rtol=1e-4, atol=1e-5), "same vector either way"
         last_v = pl_extract_last(s, pos, neg, bs, layout)
         pairs = {
             "persona-lens vs repeng": cosines(pl_v, rp_v),
@@ -498,8 +558,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = [
             [
                 k,
+                "last" if k == pl_name else "all",
                 fmt(median([x.wall for x in v]), 2),
+                fmt(median([x.cpu for x in v]), 2),
                 fmt(paired_ratio(v, samples[pl_name], "wall"), 2),
+                fmt(paired_ratio(v, samples[pl_name], "cpu"), 2),
             ]
             for k, v in samples.items()
         ]
@@ -507,9 +570,22 @@ def main(argv: list[str] | None = None) -> int:
             f"**Vector extraction** from {args.pairs} contrastive pairs of the built-in trait "
             f"`{args.trait}` (system prompts pos/neg x extraction questions, the model's own "
             f"greedy {args.response_tokens}-token responses), batch {bs}; every method gets the "
-            "same prompt + response texts.",
+            "same prompt + response texts. `logits`: whether the forward computes the LM head "
+            "at every position (`all`, as the peers do) or at the last one only (`last`, "
+            "`capture_forward`'s `logits_to_keep=1`); both persona-lens rows give the same "
+            "vector.",
             "",
-            md_table(["method", "wall s", "time vs persona-lens"], rows),
+            md_table(
+                [
+                    "method",
+                    "logits",
+                    "wall s",
+                    "CPU s",
+                    "time vs persona-lens (wall)",
+                    "time vs persona-lens (CPU)",
+                ],
+                rows,
+            ),
             "",
             "Cosine similarity per layer position of the resulting vectors (positions "
             f"1..{n - 1}; the top position {n} listed apart because repeng reads it after the "
@@ -603,54 +679,76 @@ def main(argv: list[str] | None = None) -> int:
         raw["host"] = host
 
     if "3" in parts:
-        methods3 = {
-            "forward only (no activations)": lambda: forward_only(s, both, bs),
-            "forward, output_hidden_states=True, reduced": lambda: hidden_states_capture(
-                s, both, bs
+        ways: dict[str, tuple[str, int | None]] = {  # name -> (way, logits kept)
+            "forward only (no activations), all logits": ("forward", None),
+            "forward only (no activations), logits_to_keep=1": ("forward", LAST_LOGITS),
+            "forward, output_hidden_states=True, reduced, all logits": ("hidden", None),
+            "forward, output_hidden_states=True, reduced, logits_to_keep=1": (
+                "hidden",
+                LAST_LOGITS,
             ),
-            "persona-lens capture_forward (all layers)": lambda: pl_capture(s, both, bs, layout),
+            "persona-lens capture hooks (all layers), all logits": ("pl", None),
+            "persona-lens capture_forward (all layers), logits_to_keep=1": ("pl", LAST_LOGITS),
         }
+
+        def call(way: str, keep: int | None) -> Any:
+            if way == "forward":
+                return forward_only(s, both, bs, keep)
+            if way == "hidden":
+                return hidden_states_capture(s, both, bs, keep)
+            return pl_capture(s, both, bs, layout, keep)
+
         kept: dict[str, Any] = {}
 
         def runner3(name: str) -> Callable[[], Sample]:
             def run() -> Sample:
-                sample, result = timed(methods3[name], s.device)
+                sample, result = timed(lambda: call(*ways[name]), s.device)
                 kept[name] = result
                 return sample
 
             return run
 
-        configs3 = {k: runner3(k) for k in methods3}
-        samples3 = interleaved(configs3, args.repeats, args.warmup)
-        base = samples3["forward only (no activations)"]
-        memory = {
-            "forward only (no activations)": peak_memory(
-                s, methods3["forward only (no activations)"]
-            ),
-        }
-        for k in list(methods3)[1:]:
-            memory[k] = peak_memory(s, methods3[k])
-        hs = torch.cat(kept["forward, output_hidden_states=True, reduced"])
-        pc = torch.cat(kept["persona-lens capture_forward (all layers)"])
+        samples3 = interleaved({k: runner3(k) for k in ways}, args.repeats, args.warmup)
+        memory = {k: peak_memory(s, lambda k=k: call(*ways[k])) for k in ways}
+        bases = {keep: name for name, (way, keep) in ways.items() if way == "forward"}
+        hs = torch.cat(kept["forward, output_hidden_states=True, reduced, logits_to_keep=1"])
+        pc = torch.cat(kept["persona-lens capture_forward (all layers), logits_to_keep=1"])
         rel = ((hs - pc).norm(dim=-1) / pc.norm(dim=-1).clamp_min(1e-6)).amax(0)
         tokens = int(sum(encode(s, c)[1].sum() for c in batches(both, bs)))
+        has_keep = bool(logits_kwargs(s, LAST_LOGITS))
         rows = []
         for name, runs in samples3.items():
             mem = memory.get(name)
+            base = samples3[bases[ways[name][1]]]
             rows.append(
                 [
                     name,
                     fmt(median([r.wall for r in runs]), 2),
+                    fmt(median([r.cpu for r in runs]), 2),
                     fmt(paired_ratio(runs, base, "wall"), 2),
+                    fmt(paired_ratio(runs, base, "cpu"), 2),
                     "n/a (CPU)" if mem is None else f"{mem:.0f}",
                 ]
             )
         lines += [
             f"**Activation capture for screening**: {len(both)} prompt + response texts "
             f"({tokens} tokens), batch {bs}; the hidden-states variant reduces the same "
-            "statistics (response mean, prompt mean, prompt last) per layer.",
+            "statistics (response mean, prompt mean, prompt last) per layer. Every way runs "
+            "with all logits and with the last position's only (`logits_to_keep=1`"
+            + ("" if has_keep else ", which this model does not accept: the rows are equal")
+            + "), and is compared with the bare forward that computes the same logits.",
             "",
-            md_table(["method", "wall s", "time vs forward only", "peak extra memory MiB"], rows),
+            md_table(
+                [
+                    "method",
+                    "wall s",
+                    "CPU s",
+                    "time vs forward, same logits (wall)",
+                    "time vs forward, same logits (CPU)",
+                    "peak extra memory MiB",
+                ],
+                rows,
+            ),
             "",
             f"Response means agree at positions 0..{n - 1} (max relative difference "
             f"{float(rel[:n].max()):.1e}); at position {n} they differ by {float(rel[n]):.2f} "

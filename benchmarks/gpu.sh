@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# One prepared benchmark run for a machine with one GPU and no internet (under 8 minutes).
+# One prepared benchmark run for a machine with one GPU and no internet (8 minutes at most).
 #
+#   0. the CUDA tests (`pytest -m cuda`): capture accumulates in float32 in bf16 and fp16 on
+#      CUDA (tests/test_capture_precision.py), and a model split over cuda:0 and the CPU with
+#      a device_map gives the captures and steering of an unsplit one (tests/test_device_map.py);
+#      without a GPU (DRY_RUN) they are collected and skipped;
 #   1. bench_overhead.py on the embedded model (SmolLM2-135M-Instruct), CUDA bf16: steering,
 #      monitoring and capture overhead vs plain generate, hook host cost per step;
 #   2. bench_overhead.py on a random-weight ~1.2B Llama built from a config (hidden 2048,
@@ -43,7 +47,7 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
            --repeats 1)
     EXTRACT=(--budget quick --batch-size 8 --repeats 1)
     EXTRACT_BIG=(--model random:tiny --budget quick --batch-size 8 --repeats 1)
-    T1=300 T2=200 T3=300 T4=450 T5=300
+    T0=300 T1=300 T2=200 T3=300 T4=450 T5=300
 else
     COMMON=(--device cuda --dtype bf16 --threads 0)
     EMBEDDED=(--prompts 16 --batch-size 16 --max-new-tokens 64 --repeats 5)
@@ -52,11 +56,11 @@ else
            --repeats 3)
     EXTRACT=(--budget quick --batch-size 40 --repeats 3)
     EXTRACT_BIG=(--model random:1b --budget quick --batch-size 40 --repeats 2)
-    T1=120 T2=100 T3=80 T4=80 T5=80
+    T0=60 T1=110 T2=90 T3=70 T4=75 T5=75
 fi
 if "$PY" -c 'import vllm' >/dev/null 2>&1; then
     VLLM=(--vllm)
-    if [[ ${DRY_RUN:-0} != 1 ]]; then T4=110 T5=110; T1=90 T2=80 T3=60; fi
+    if [[ ${DRY_RUN:-0} != 1 ]]; then T4=110 T5=110; T1=80 T2=70 T3=50; fi
 else
     VLLM=()
     echo "- vllm: not installed, extraction runs the hf backend only" >>"$OUTDIR/steps.md"
@@ -89,6 +93,9 @@ transformers.__version__)' 2>&1
 } >"$OUTDIR/env.txt"
 cat "$OUTDIR/env.txt" | tee -a "$LOG"
 
+step "cuda tests" "$T0" "$PY" -m pytest -q -p no:cacheprovider -m cuda \
+    tests/test_capture_precision.py tests/test_device_map.py \
+    --junitxml="$OUTDIR/cuda-tests.xml"
 step "overhead, embedded" "$T1" "$PY" benchmarks/bench_overhead.py "${COMMON[@]}" \
     "${EMBEDDED[@]}" --results "$RESULTS" --json "$OUTDIR/overhead-embedded.json"
 step "overhead, random 1.2B Llama" "$T2" "$PY" benchmarks/bench_overhead.py "${COMMON[@]}" \

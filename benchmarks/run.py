@@ -5,7 +5,8 @@
     python benchmarks/run.py --dry-run            # print the commands only
 
 Steps whose optional packages are missing are skipped with a note (``peers`` needs repeng and
-steering-vectors; ``extract`` adds the vLLM rows when vLLM is installed). Every section records
+steering-vectors; ``extract`` adds the vLLM rows when vLLM is installed; ``serve`` needs the
+``[serve]`` extra and httpx). Every section records
 the machine, the versions, its own command line and the medians of its repeats. Not part of
 the test suite: benchmarks measure, tests assert.
 """
@@ -35,6 +36,8 @@ def steps(repeats: int) -> dict[str, tuple[list[str], str | None]]:
     peers_missing = None if _installed("repeng", "steering_vectors") else "repeng/steering-vectors"
     extract = ["bench_extract.py", *r] + (["--vllm"] if _installed("vllm") else [])
     backend = "vllm" if _installed("vllm") else "hf"
+    screen_parts = "throughput,ray" if _installed("ray") else "throughput"
+    train_ok = _installed("peft", "accelerate")
     return {
         "overhead": (["bench_overhead.py", *r], None),
         "overhead-thin30": (["bench_overhead.py", "--model", "random:thin30", *r], None),
@@ -44,11 +47,29 @@ def steps(repeats: int) -> dict[str, tuple[list[str], str | None]]:
         ),
         "extract": (extract, None),
         "stability": (["seed_stability.py", "--backend", backend], None),
+        "screen": (["bench_screen.py", "--parts", screen_parts, *r], None),
+        "screen-tiny": (
+            ["bench_screen.py", "--model", "random:tiny", "--parts", screen_parts, *r],
+            None,
+        ),
+        "screen-memory": (["bench_screen.py", "--parts", "memory"], None),
+        "screen-seeds": (["bench_screen.py", "--parts", "seeds"], None),
+        "train": (["bench_train.py", *r], None if train_ok else "peft/accelerate not installed"),
+        "training-shift": (
+            ["training_shift.py"],
+            None if train_ok else "peft/accelerate not installed",
+        ),
+        "diffusion": (["bench_diffusion.py", *r], None),
+        "diffusion-streams": (["diffusion_streams.py"], None),
         "judge": (["judge_agreement.py"], None),
         "quick-budget": (["quick_budget.py", "--section", "quick budget"], None),
         "fidelity": (
             ["fidelity.py", "--extract", "optimistic", "--section", "fidelity optimistic"],
             None,
+        ),
+        "serve": (
+            ["bench_serve.py", *r],
+            None if _installed("fastapi", "uvicorn", "httpx") else "fastapi/uvicorn/httpx",
         ),
     }
 

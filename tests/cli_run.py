@@ -30,7 +30,10 @@ def persona(
 def assert_one_line_error(
     proc: subprocess.CompletedProcess[str], needle: str, out: Path | None = None
 ) -> None:
-    """Exit code 2, one stderr line containing ``needle``, and no output file."""
+    """Exit code 2, one stderr line (``error: ...``, no traceback) containing ``needle``,
+    nothing on stdout, and no output file."""
     assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout == "", proc.stdout
     assert out is None or not out.exists()

@@ -169,7 +169,7 @@ runner = CliRunner()
         (["--backend", "tgi"], "unknown backend 'tgi'"),
         (["--engine-option", "gpu_memory_utilization=0.5"], "applies to --backend vllm only"),
         (["--backend", "vllm", "--engine-option", "no equals"], "wants KEY=VALUE"),
-        (["--backend", "vllm", "--judge", "none"], "the vllm backend needs vLLM"),
+        (["--backend", "vllm", "--judge", "none"], "--backend vllm needs vLLM"),
     ],
 )
 def test_extract_cli_backend_errors(

@@ -125,11 +125,47 @@ def test_steer_moves_the_prompt_projection_by_the_added_vector(
 
 def test_guard_fires_and_is_recorded(session: ChatSession, env: dict[str, Path]) -> None:
     message = session.command(f"/guard {env['evil']} -1e9 -3")
-    assert message.startswith("guarding evil: above -1e+09 at layer 2, steer -3 at layer 2")
+    assert message.startswith("guarding evil: above -1e+09 gap at layer 2 (raw projection")
+    assert message.endswith("steer -3 at layer 2 for the rest of the reply")
     turn = session.send("hello world")
     assert [(e.guard, e.token_index) for e in turn.guard_events] == [("evil", 0)]
     assert session.command("/guard off") == "guards: off"
     assert session.send("hello").guard_events == []
+
+
+def test_guard_threshold_is_in_the_meters_unit(
+    session: ChatSession, loaded: LoadedModel, env: dict[str, Path]
+) -> None:
+    """A guard fires at the first reply token whose meter level (gaps from a neutral reply)
+    passes the threshold, and reports that level: one unit for meters and guards."""
+    from persona_lens.core.capture import Monitor
+
+    session.max_new_tokens = 8
+    session.command(f"/monitor {env['evil']}")
+    scale = session.scales["evil"]
+    vector = PersonaVector.load(env["evil"])
+    (plain,) = generate(
+        loaded.model,
+        loaded.tokenizer,
+        [session.messages("hello world")],
+        max_new_tokens=8,
+        monitors=[Monitor("evil", vector.at(2), 2)],
+    )
+    levels = [scale.level(p) for p in plain.token_projections["evil"]]
+    assert len(levels) >= 3
+    threshold = (min(levels) + max(levels)) / 2
+    assert min(levels) < threshold < max(levels)
+    first = next(i for i, level in enumerate(levels) if level > threshold)
+    session.guard(str(env["evil"]), threshold, 0.0)  # coefficient 0: watch, change nothing
+    raw = session.guards["evil"].threshold
+    assert raw == pytest.approx(scale.baseline + threshold * scale.scale)
+    turn = session.send("hello world")
+    (event,) = turn.guard_events
+    assert event.token_index == first
+    assert turn.guard_event_levels[0] == pytest.approx(levels[first], abs=1e-4)
+    assert turn.guard_event_levels[0] > threshold
+    saved = session.to_dict()
+    assert saved["unit"] == "gap" and saved["guards"]["evil"]["threshold"] == threshold
 
 
 def test_save_writes_per_turn_projections(
@@ -251,3 +287,17 @@ def test_cli_chat_bad_start_is_a_user_error(env: dict[str, Path]) -> None:
             app, ["chat", "--model", str(env["model"]), *args], input="/quit\n"
         )
         assert isinstance(result.exception, error), (args, result.output)
+
+
+def test_cli_chat_end_of_input_hints_at_save_first(env: dict[str, Path]) -> None:
+    """Ctrl-D (end of input) with unsaved turns shows the /save hint; a second one leaves."""
+    result = CliRunner().invoke(
+        app,
+        ["chat", "--model", str(env["model"]), "--max-new-tokens", "2"],
+        input="hello\n",  # then end of input, twice
+    )
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert "/save FILE keeps the conversation (1 unsaved turns)" in text
+    assert text.rstrip().endswith("bye")
+    assert text.index("assistant>") < text.index("/save FILE keeps") < text.index("bye")

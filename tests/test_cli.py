@@ -29,6 +29,7 @@ def test_info_json(tiny_dir: Path) -> None:
     info = json.loads(result.stdout)
     assert info["family"] == "llama" and info["num_layers"] == 3 and info["hidden_size"] == 64
     assert info["block_path"] == "model.layers" and info["layout"] == "AAA"
+    assert info["batching"].startswith("padded: ")  # a llama decodes exactly when left-padded
 
 
 def test_info_bad_block_path(tiny_dir: Path) -> None:

@@ -264,7 +264,7 @@ def test_cli_eval_with_fake_judge(
         "--max-new-tokens",
         "3",
         "--judge",
-        "fake",
+        "offline",  # load_judge is patched to a fake judge
         "--out",
         str(out),
     )

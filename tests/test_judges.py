@@ -407,21 +407,32 @@ def _minilm_or_skip() -> None:
 
 
 def test_offline_judge_agreement_with_hand_labels() -> None:
-    """Floors set below the values measured in benchmarks/judge_agreement.md (MiniLM):
-    zero-shot 0.62 / 0.32 and leave-one-question-out cross-validated 0.73 / 0.43 (accuracy /
-    Spearman). The judge is deterministic; the margin absorbs platform numerics. (The protocol
-    fitted on SmolLM2 rollouts, 0.64 / 0.31, is left to the benchmark: embedding 280 rollouts
-    takes a while on two cores.)"""
+    """Measured in benchmarks/judge_agreement.md (MiniLM): zero-shot 0.62 / 0.32 and
+    leave-one-question-out cross-validated 0.73 / 0.43 (accuracy / Spearman). The floors sit
+    two standard errors above chance on this labelled set: accuracy chance is the majority
+    share (0.50, balanced) with SE sqrt(p(1-p)/n), Spearman chance is 0 with SE 1/sqrt(n-1)
+    (n = 154: 0.581 and 0.161); each protocol keeps its earlier floor where that is higher.
+    The judge is deterministic. (The protocol fitted on SmolLM2 rollouts, 0.64 / 0.31, is left
+    to the benchmark: embedding 280 rollouts takes a while on two cores.)"""
     _minilm_or_skip()
     from benchmarks.judge_agreement import evaluate
 
+    rows = [json.loads(line) for line in LABELLED.read_text().splitlines() if line.strip()]
+    n = len(rows)
+    majority = max(sum(r["label"] == "pos" for r in rows), sum(r["label"] == "neg" for r in rows))
+    chance = majority / n
+    accuracy_floor = chance + 2 * math.sqrt(chance * (1 - chance) / n)
+    rho_floor = 2 / math.sqrt(n - 1)
     results = evaluate("minilm", rollouts=None)
-    floors = {"zero_shot": (0.55, 0.2), "cv": (0.62, 0.3)}
+    floors = {
+        "zero_shot": (accuracy_floor, max(rho_floor, 0.2)),
+        "cv": (max(accuracy_floor, 0.62), max(rho_floor, 0.3)),
+    }
     for protocol, (accuracy, rho) in floors.items():
         overall = results[protocol]["overall"]
-        assert overall["accuracy"] > accuracy, (protocol, overall)
-        assert overall["spearman"] > rho, (protocol, overall)
-    assert results["zero_shot"]["overall"]["n"] == 154
+        assert overall["accuracy"] > accuracy, (protocol, overall, accuracy)
+        assert overall["spearman"] > rho, (protocol, overall, rho)
+    assert results["zero_shot"]["overall"]["n"] == n == 154
 
 
 def test_labelled_set_shape() -> None:

@@ -23,7 +23,10 @@ ALLOWED: dict[str, set[str]] = {
     "judges": {"core", "interop", "traits"},
     "extraction": {"core", "interop", "traits", "judges"},
     "monitoring": {"core", "interop", "traits", "judges", "extraction"},
-    "demo": {"core", "interop", "traits", "judges", "extraction", "monitoring"},
+    "screening": {"core", "interop", "traits", "judges", "extraction"},
+    "training": {"core", "interop", "traits", "judges", "extraction", "monitoring", "screening"},
+    "serving": {"core", "interop", "traits", "judges", "extraction", "monitoring"},
+    "demo": {"core", "interop", "traits", "judges", "extraction", "monitoring", "screening"},
     "cli": {"*"},
     "__init__": {"core"},  # plus lazy, type-checking-only imports of the public API
 }

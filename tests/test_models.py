@@ -97,7 +97,7 @@ def test_broken_gguf_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + bytes(3000))
-    with pytest.raises(ModelSpecError, match=r"bad\.gguf") as info:
+    with pytest.raises(ModelSpecError, match=r"bad\.gguf.*truncated or corrupt") as info:
         load_model(str(bad))
     assert "\n" not in str(info.value)
     assert list((tmp_path / "cache" / "gguf").iterdir()) == []
@@ -121,7 +121,7 @@ def test_gguf_cache_lifecycle(
         shutil.copytree(tiny_dir, out, dirs_exist_ok=True)
 
     monkeypatch.setattr(models, "_convert_gguf", crash)
-    with pytest.raises(ModelSpecError, match=r"killed$"):
+    with pytest.raises(ModelSpecError, match=r"killed halfway$"):
         load_model(str(fake))
     assert list((tmp_path / "cache" / "gguf").iterdir()) == []
     monkeypatch.setattr(models, "_convert_gguf", convert)

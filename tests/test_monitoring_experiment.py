@@ -196,6 +196,30 @@ def test_samples_are_averaged_and_learning_judge_fitted(
         assert point.trait == pytest.approx(sum(hello_share(r) for r in point.responses) / 3)
 
 
+def test_progress_ends_complete(
+    tiny: tuple[LoadedModel, BlockLayout, Path], vector: PersonaVector, trait: TraitDefinition
+) -> None:
+    """Every stage's last report is done == total, ending with judging 1/1 (it used to stop
+    at `judging 0/1`)."""
+    loaded, layout, _ = tiny
+    reports: list[tuple[str, int, int]] = []
+    settings = ExperimentSettings(questions=1, shot_counts=(0,), max_new_tokens=2)
+    run_experiment(
+        loaded.model,
+        loaded.tokenizer,
+        layout,
+        FakeJudge(hello_share),
+        trait,
+        vector,
+        settings,
+        progress=lambda stage, done, total: reports.append((stage, done, total)),
+    )
+    assert reports[-1] == ("judging", 1, 1)
+    last = {stage: (done, total) for stage, done, total in reports}
+    assert set(last) == {"examples", "generating", "judging"}
+    assert all(done == total for done, total in last.values()), last
+
+
 def test_layer_override_and_missing_best_layer(
     tiny: tuple[LoadedModel, BlockLayout, Path], trait: TraitDefinition
 ) -> None:
@@ -266,7 +290,7 @@ def test_cli_experiment_with_fake_judge(
             "--max-new-tokens",
             "3",
             "--judge",
-            "fake",
+            "offline",  # load_judge is patched to a fake judge
             "--out",
             str(out),
         ],

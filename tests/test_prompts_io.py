@@ -166,3 +166,62 @@ def test_unique_names() -> None:
     assert unique_names(["evil", "evil", "kind"], [3, 5, 3]) == ["evil@3", "evil@5", "kind"]
     with pytest.raises(InputError, match="twice"):
         unique_names(["evil", "evil"], [3, 3])
+
+
+# --- roles, prefill, context (need the tiny model) --------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tests.tiny import load_tiny
+
+    return load_tiny(tmp_path_factory.mktemp("tiny"), seed=0)[0]
+
+
+def test_prefill_is_continued_not_answered(tiny_lm: Any) -> None:
+    """A record's "prefill" starts the reply: the prompt ends with it, with no end-of-turn."""
+    from persona_lens.core.generation import generate, render_prompt
+
+    record = {"prompt": "hello", "prefill": "world world"}
+    text = render_prompt(tiny_lm.tokenizer, record)
+    assert text.endswith("assistant: world world")
+    plain = render_prompt(tiny_lm.tokenizer, {"prompt": "hello"})
+    assert plain.endswith("assistant: ") and text.startswith(plain.rstrip())
+    (gen,) = generate(tiny_lm.model, tiny_lm.tokenizer, [record], max_new_tokens=2)
+    assert gen.prompt_text == text
+
+
+@pytest.mark.parametrize(
+    ("messages", "needle"),
+    [
+        ([{"role": "wizard", "content": "x"}], "role 'wizard'"),
+        ([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}], "only come"),
+        ([{"role": "assistant", "content": "x"}], "no user message"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "prefill"),
+        ([{"role": "user", "content": "  "}], "(user) is empty"),
+    ],
+)
+def test_generate_refuses_conversations_it_cannot_answer(
+    tiny_lm: Any, messages: list[dict[str, str]], needle: str
+) -> None:
+    from persona_lens.core.generation import generate
+
+    with pytest.raises(InputError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        generate(tiny_lm.model, tiny_lm.tokenizer, [messages], max_new_tokens=1)
+
+
+def test_fit_prompts_refuses_or_cuts_long_prompts(tmp_path: Path, tiny_lm: Any) -> None:
+    from persona_lens.interop.prompts_io import context_length, fit_prompts, read_prompt_file
+
+    assert context_length(tiny_lm.model) == 64
+    path = _write(
+        tmp_path / "p.jsonl", '{"prompt": "hi"}\n\n' + json.dumps({"prompt": "hello " * 70}) + "\n"
+    )
+    prompts = read_prompt_file(path)
+    assert prompts.lines == [1, 3]
+    with pytest.raises(InputError, match=r"p.jsonl:3: the prompt has 75 tokens"):
+        fit_prompts(prompts, tiny_lm.model, tiny_lm.tokenizer, max_new_tokens=8)
+    fitted = fit_prompts(
+        prompts, tiny_lm.model, tiny_lm.tokenizer, max_new_tokens=8, max_prompt_tokens=30
+    )
+    assert fitted[0] == {"prompt": "hi"}
+    assert fitted[1]["prompt"].split() == ["hello"] * 25 and fitted[1]["prompt_tokens_cut"] == 45
+    assert prompts.records[1]["prompt"] == "hello " * 70  # the input record is untouched

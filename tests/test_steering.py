@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from persona_lens.core.architecture import find_blocks
+from persona_lens.core.architecture import block_hidden, find_blocks
 from persona_lens.core.capture import Monitor, capture_forward
 from persona_lens.core.errors import InputError, LayerError, VectorMismatchError
 from persona_lens.core.steering import SteeringSpec, compile_specs, steer
@@ -122,6 +122,71 @@ def test_cap_clamps_projection(model: torch.nn.Module, vector: PersonaVector) ->
     assert capped.min() >= low - 1e-4 and capped.max() <= high + 1e-4
     inside = (plain >= low) & (plain <= high)
     torch.testing.assert_close(capped[inside], plain[inside], rtol=1e-4, atol=1e-4)
+
+
+def _block_output(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The output of block LAYER as the rest of the model sees it (after any steering)."""
+    seen: list[torch.Tensor] = []
+    block = find_blocks(model).blocks[LAYER - 1]
+    handle = block.register_forward_hook(lambda m, a, out: seen.append(block_hidden(out)))
+    try:
+        _logits(model, ids)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm()
+
+
+@pytest.mark.parametrize("middle", ["ablate", "cap"])
+def test_operators_apply_in_the_order_given(
+    model: torch.nn.Module, vector: PersonaVector, middle: str
+) -> None:
+    """[add A, ablate A, add B] (or cap in the middle) at one block: B is added after the
+    ablation, so its component along A survives; only runs of consecutive adds are merged."""
+    ids = _ids()
+    a = PersonaVector(vector.vectors, "a")
+    b_rows = vector.vectors.flip(0) + 0.8 * vector.vectors  # a clear component along A
+    b = PersonaVector(b_rows, "b")
+    bounds = (-1.0, 1.0)
+    specs = [
+        SteeringSpec(a, 1.0, LAYER),
+        SteeringSpec(a, 1.0, LAYER, operator=middle, cap_range=bounds),  # type: ignore[arg-type]
+        SteeringSpec(b, 1.0, LAYER),
+    ]
+    plain = _block_output(model, ids)
+    with steer(model, specs):
+        got = _block_output(model, ids)
+    va, vb, ua = vector.vectors[LAYER], b_rows[LAYER], _unit(vector.vectors[LAYER])
+    h = plain + va
+    projection = h @ ua
+    if middle == "ablate":
+        h = h - projection.unsqueeze(-1) * ua
+    else:
+        h = h + (projection.clamp(*bounds) - projection).unsqueeze(-1) * ua
+    expected = h + vb
+    along = float((got @ ua - expected @ ua).abs().max())
+    assert along < 1e-4, f"component along A off by {along:.3g} (expected about {vb @ ua:.3g})"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_only_consecutive_adds_are_merged(model: torch.nn.Module, vector: PersonaVector) -> None:
+    layout = find_blocks(model)
+    a = PersonaVector(vector.vectors, "a")
+    b = PersonaVector(vector.vectors.flip(0), "b")
+    specs = [
+        SteeringSpec(a, 1.0, LAYER),
+        SteeringSpec(b, 0.5, LAYER),
+        SteeringSpec(a, 1.0, LAYER, operator="ablate"),
+        SteeringSpec(b, 2.0, LAYER),
+        SteeringSpec(a, -1.0, LAYER),
+    ]
+    ops = compile_specs(specs, layout)[LAYER]
+    assert [op.operator for op in ops] == ["add", "ablate", "add"]
+    torch.testing.assert_close(ops[0].direction, a.vectors[LAYER] + 0.5 * b.vectors[LAYER])
+    torch.testing.assert_close(ops[2].direction, 2.0 * b.vectors[LAYER] - a.vectors[LAYER])
 
 
 def test_bad_specs_fail_before_hooking(model: torch.nn.Module, vector: PersonaVector) -> None:

@@ -166,3 +166,32 @@ def test_cli_view(tmp_path: Path) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1 and not bad.exists()
     proc = _cli(str(tmp_path / "missing.jsonl"), "--out", str(bad))
     assert proc.returncode == 2 and "no file" in proc.stderr
+
+
+def test_all_positive_values_are_centred_on_the_reply_mean() -> None:
+    """With steering on, every projection may share a sign: the default centre is then the
+    reply's mean, so tokens above it are red, tokens below it blue (not all red)."""
+    values = [47.0, 87.0, 60.0, 75.0, 50.0]
+    mean = sum(values) / len(values)
+    tokens = [f"t{i}" for i in range(len(values))]
+    for centre in ("auto", "reply"):
+        page = parse(render_token_html(tokens, {"evil": values}, centre=centre))
+        for token, value in zip(page.tokens, values, strict=True):
+            r, _, b = rgb(token["style"])
+            assert (r > b) == (value > mean), (centre, value)
+        assert "centre each reply" in render_token_html(tokens, {"evil": values}, centre=centre)
+    zero = parse(render_token_html(tokens, {"evil": values}, centre="zero"))
+    assert all(rgb(t["style"])[0] > rgb(t["style"])[2] for t in zero.tokens)  # all red at 0
+
+
+def test_baseline_centre_and_mixed_signs_stay_at_zero() -> None:
+    from persona_lens.monitoring.token_view import trait_centres
+
+    sections = [{"a": [1.0, -1.0], "b": [5.0, 7.0]}, {"a": [2.0], "b": [9.0]}]
+    centres, described = trait_centres(sections)
+    assert [c["a"] for c in centres] == [0.0, 0.0] and described["a"] == "0"
+    assert [c["b"] for c in centres] == [6.0, 9.0] and described["b"] == "each reply's mean"
+    centres, described = trait_centres(sections, baseline={"b": 4.0})
+    assert [c["b"] for c in centres] == [4.0, 4.0] and described["b"].startswith("the baseline")
+    with pytest.raises(InputError, match="unknown centre"):
+        trait_centres(sections, "middle")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from persona_lens.core.errors import LayerError, VectorError, VectorMismatchError
+from persona_lens.core.errors import InputError, LayerError, VectorError, VectorMismatchError
 from persona_lens.core.vectors import (
     FORMAT,
     PersonaVector,
@@ -55,7 +55,7 @@ def test_save_failure_leaves_no_partial_file(
         raise OSError("disk full")
 
     monkeypatch.setattr(vectors_module, "save_file", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match="disk full"):  # an OSError, said in one line
         _vector().save(tmp_path / "x.safetensors")
     assert list(tmp_path.iterdir()) == []
 

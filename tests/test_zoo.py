@@ -34,6 +34,9 @@ REQUIRED = {
     "minimax": "linear-attention",
     "rwkv": "linear-rnn",
     "recurrent_gemma": "linear-rnn",
+    "deepseek_v32": "sparse-dynamic",
+    "glm_moe_dsa": "sparse-dynamic",
+    "diffusion_gemma": "diffusion",
 }
 
 
@@ -60,11 +63,13 @@ def test_forward(name: str) -> None:
     model = build(name)
     assert not model.training
     assert next(model.parameters()).dtype == torch.float32
-    assert model.config.num_hidden_layers == NUM_LAYERS
+    assert model.config.get_text_config().num_hidden_layers == NUM_LAYERS
     input_ids = torch.randint(3, VOCAB_SIZE, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model(input_ids, output_hidden_states=True)
-    assert out.logits.shape == (2, 16, VOCAB_SIZE)
+    # a block-diffusion model returns the logits of the one canvas its decoder denoised
+    length = getattr(model.config, "canvas_length", None) or 16
+    assert out.logits.shape == (2, length, VOCAB_SIZE)
     assert torch.isfinite(out.logits).all()
     assert len(out.hidden_states) == NUM_LAYERS + 1
 

@@ -25,9 +25,11 @@ TEMPLATE = (
 HIDDEN_SIZE = 64
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over :data:`WORDS` with bos/eos/unk and a chat template."""
-    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+def tiny_tokenizer(size: int = len(WORDS)) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over :data:`WORDS` (then ``w8``, ``w9``... up to ``size``
+    entries) with bos/eos/unk and a chat template."""
+    words = [*WORDS, *(f"w{i}" for i in range(len(WORDS), size))]
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -38,8 +40,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_model_dir(path: Path, seed: int, num_layers: int = 2) -> Path:
-    """Save a random tiny Llama (d=64, ``num_layers`` blocks) and its tokenizer to ``path``."""
+def tiny_model_dir(
+    path: Path, seed: int, num_layers: int = 2, *, context: int = 64, endless: bool = False
+) -> Path:
+    """Save a random tiny Llama (d=64, ``num_layers`` blocks, ``context`` positions) and its
+    tokenizer to ``path``. ``endless``: its generation config never lets it write the
+    end-of-sequence token, so a reply runs to ``max_new_tokens`` (for interruption tests)."""
     tokenizer = tiny_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -48,12 +54,15 @@ def tiny_model_dir(path: Path, seed: int, num_layers: int = 2) -> Path:
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=context,
         bos_token_id=1,
         eos_token_id=2,
     )
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(path)
+    model = LlamaForCausalLM(config)
+    if endless:
+        model.generation_config.suppress_tokens = [config.eos_token_id]
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -84,3 +93,13 @@ def random_trait_vector(
         "model_fingerprint": model_fingerprint(loaded.model, loaded.tokenizer),
     }
     return PersonaVector(scale * rows, trait, meta)
+
+
+def zoo_model_dir(path: Path, name: str) -> Path:
+    """Save the zoo model ``name`` with a word-level tokenizer over its whole vocabulary (ids
+    0, 1, 2 are the zoo's pad/unk, bos and eos) to ``path``, to load as ``--model DIR``."""
+    from tests import zoo
+
+    zoo.build(name).save_pretrained(path)
+    tiny_tokenizer(zoo.VOCAB_SIZE).save_pretrained(path)
+    return path

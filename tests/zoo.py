@@ -3,7 +3,8 @@
 Every model is built from a config (nothing is downloaded), seeded with ``torch.manual_seed(0)``
 (inside ``fork_rng``, so the caller's RNG state is untouched), float32, on CPU, in eval mode.
 The test suite uses the zoo to check that activation capture and steering work on every family:
-dense, sliding-window, MoE, SSM, hybrids, linear attention and linear RNNs.
+dense, sliding-window, MoE, SSM, hybrids, linear attention, linear RNNs, dynamic sparse
+attention and block diffusion.
 
 All models share a vocabulary of ``VOCAB_SIZE`` tokens with ``PAD_ID``, ``BOS_ID`` and ``EOS_ID``
 inside it, have ``NUM_LAYERS`` residual blocks, hidden size 64 and eager attention. Anything that
@@ -22,6 +23,15 @@ Known transformers (5.24) behaviours the tests must allow for:
 * rwkv, xlstm: ``attention_mask`` is ignored, so left padding leaks into the recurrent state.
 * recurrent_gemma: left padding is only approximately masked (~5e-3 on the logits);
   minimax: cached decoding of a left-padded row is off by ~1e-3 on the logits.
+* deepseek_v32, glm_moe_dsa (dynamic sparse attention): the lightning indexer scores keys with
+  a weighted sum of ReLUs, so keys can tie at exactly 0, and ``torch.topk`` breaks ties
+  differently for a one-token decoding step ([B, 1, T]) than for a full forward ([B, S, T]).
+  Once a tie straddles the top-k boundary, cached decoding attends to other keys than
+  recomputation does (logits off by ~0.1). With 2 indexer heads a tie is common (a key ties
+  at 0 when every head scores it negative); the zoo uses 8 heads, where the matrix inputs have
+  none. ``tests/test_sparse_dynamic.py`` shows both, without any persona-lens hook.
+* diffusion_gemma (block diffusion): ``generate`` always samples (seed it), ``model(...)``
+  returns the logits of one canvas, and ``output_hidden_states`` holds the decoder's states.
 """
 
 from __future__ import annotations
@@ -32,7 +42,9 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import PreTrainedModel
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers.models import WordLevel
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 VOCAB_SIZE: int = 128
 PAD_ID: int = 0
@@ -49,6 +61,8 @@ CATEGORIES: tuple[str, ...] = (
     "hybrid-intra",
     "linear-attention",
     "linear-rnn",
+    "sparse-dynamic",
+    "diffusion",
 )
 
 
@@ -70,6 +84,12 @@ class ZooEntry:
     # full forward use inputs the family handles exactly: "exact", "no-left-padding" (the
     # attention mask is ignored or only approximate) or "batch-1" (batched decoding is wrong).
     decoding: str = "exact"
+    # prompt length of the matrix's test batches (None: the matrix default); the dynamic
+    # sparse families take prompts longer than index_topk so the indexer prunes
+    prompt_length: int | None = None
+    # "autoregressive" (tests/test_families.py) or "block-diffusion"
+    # (tests/test_families_diffusion.py)
+    generation: str = "autoregressive"
 
 
 _TOKENS: dict[str, Any] = {
@@ -120,6 +140,7 @@ def _entry(
     xfail: str | None = None,
     hidden_states_exact: int | None = NUM_LAYERS,
     decoding: str = "exact",
+    prompt_length: int | None = None,
     **overrides: Any,
 ) -> ZooEntry:
     return ZooEntry(
@@ -129,6 +150,7 @@ def _entry(
         xfail=xfail,
         hidden_states_exact=hidden_states_exact,
         decoding=decoding,
+        prompt_length=prompt_length,
     )
 
 
@@ -147,6 +169,85 @@ _MAMBA2_HEADS: dict[str, Any] = {
     "mamba_expand": 2,
     "mamba_chunk_size": 16,
 }
+
+# DeepSeek sparse attention: multi-head latent attention whose lightning indexer keeps the top
+# ``index_topk`` keys per query; prompts of 20 tokens (> 8) so that it really prunes.
+_DSA: dict[str, Any] = {
+    **_MLA_ATTN,
+    "q_lora_rank": 16,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "n_routed_experts": 4,
+    "n_shared_experts": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,  # layer 0 dense MLP, layers 1-3 MoE
+    "index_topk": 8,
+    "index_head_dim": 16,
+    "index_n_heads": 8,  # 2 heads tie at exactly 0 (see the module docstring)
+    **_MOE,
+}
+DSA_PROMPT_LENGTH = 20
+
+CANVAS_LENGTH = 8  # block diffusion: tokens per canvas
+DENOISING_STEPS = 4  # block diffusion: denoising steps per canvas (the model's default is 48)
+
+
+def build_diffusion_gemma(
+    vocab_size: int = VOCAB_SIZE,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = NUM_LAYERS,
+    canvas_length: int = CANVAS_LENGTH,
+    denoising_steps: int = DENOISING_STEPS,
+    token_ids: tuple[int, int, int] = (PAD_ID, BOS_ID, EOS_ID),
+) -> PreTrainedModel:
+    """A tiny DiffusionGemma: 4 layers (the last full attention, the others sliding), 4
+    experts, and a one-layer vision tower of width 32 (the default vision config alone has
+    168M parameters). The keywords scale it up for benchmarks."""
+    pad, bos, eos = token_ids
+    heads = max(4, hidden_size // 16)
+    text = transformers.DiffusionGemmaTextConfig(
+        vocab_size=vocab_size,
+        pad_token_id=pad,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        head_dim=16,
+        global_head_dim=16,  # head size of the full-attention layers
+        max_position_embeddings=4096,
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=hidden_size // 2,
+        sliding_window=8,
+        layer_types=[*["sliding_attention"] * (num_layers - 1), "full_attention"],
+        attn_implementation="sdpa",
+    )
+    vision = transformers.Gemma4VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    config = transformers.DiffusionGemmaConfig(
+        text_config=text, vision_config=vision, canvas_length=canvas_length
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model: PreTrainedModel = transformers.DiffusionGemmaForBlockDiffusion(config)
+    model.generation_config.max_denoising_steps = denoising_steps
+    model.generation_config.pad_token_id = pad
+    model.generation_config.eos_token_id = eos
+    return model.to(device="cpu", dtype=torch.float32).eval()
+
 
 _ENTRIES: list[ZooEntry] = [
     # --- dense ---------------------------------------------------------------------------------
@@ -509,9 +610,53 @@ _ENTRIES: list[ZooEntry] = [
         autocast_kernel_dtype="float32",  # default bfloat16
         ffn_round_up_to_multiple_of=16,
     ),
+    # --- dynamic sparse attention (an indexer picks each query's keys) -------------------------
+    _entry(
+        "deepseek_v32",
+        "sparse-dynamic",
+        "DeepseekV32ForCausalLM",
+        "DeepseekV32Config",
+        prompt_length=DSA_PROMPT_LENGTH,
+        **_DSA,
+    ),
+    _entry(
+        "glm_moe_dsa",
+        "sparse-dynamic",
+        "GlmMoeDsaForCausalLM",
+        "GlmMoeDsaConfig",
+        prompt_length=DSA_PROMPT_LENGTH,
+        **_DSA,
+    ),
+    # --- block diffusion: an encoder commits canvases, a decoder denoises them -----------------
+    ZooEntry(
+        name="diffusion_gemma",
+        category="diffusion",
+        build=build_diffusion_gemma,
+        hidden_states_exact=NUM_LAYERS,
+        generation="block-diffusion",
+    ),
 ]
 
 ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the zoo's vocabulary: the special tokens at their ids,
+    ``user``, ``assistant``, ``system`` and ``:`` for the plain chat rendering, then words
+    ``w8`` .. ``w127``; left padding with ``<pad>``."""
+    words = ["<pad>", "<s>", "</s>", "<unk>", "user", "assistant", "system", ":"]
+    words += [f"w{i}" for i in range(len(words), VOCAB_SIZE)]
+    model = WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")
+    backend = Tokenizer(model)
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
 
 
 def build(name: str) -> PreTrainedModel:

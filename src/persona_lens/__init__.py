@@ -2,7 +2,7 @@
 
 The public API, importable from the package's top::
 
-    from persona_lens import load_model, PersonaVector, SteeringSpec, generate, Monitor
+    from persona_lens import load_model, PersonaVector, SteeringSpec, generate, Monitor, screen
 
 Names load on first use (PEP 562), so ``import persona_lens`` and the ``persona`` command
 start without importing torch and transformers until they are needed.
@@ -45,12 +45,28 @@ _EXPORTS: dict[str, str] = {
     "ExtractionOptions": "persona_lens.extraction.extract",
     "ExtractionResult": "persona_lens.extraction.extract",
     "load_judge": "persona_lens.judges.specs",
+    # screening training data
+    "screen": "persona_lens.screening.screen",
+    "ScreenResult": "persona_lens.screening.results",
+    "ScreenSummary": "persona_lens.screening.results",
+    "synthetic_dataset": "persona_lens.screening.synthetic",
     # using a vector live
     "GuardSpec": "persona_lens.monitoring.guard",
     "guard": "persona_lens.monitoring.guard",
     "generate_guarded": "persona_lens.monitoring.guard",
+    # one owner per model
+    "owning": "persona_lens.core.ownership",
+    # fine-tuning with preventative steering
+    "train": "persona_lens.training.run",
+    "TrainResult": "persona_lens.training.run",
+    "TrainConfig": "persona_lens.training.config",
+    "preset_config": "persona_lens.training.config",
+    "Intervention": "persona_lens.training.interventions",
+    "finetuning_shift": "persona_lens.training.shift",
+    "FinetuningShift": "persona_lens.training.shift",
     # errors
     "PersonaLensError": "persona_lens.core.errors",
+    "ModelBusyError": "persona_lens.core.errors",
 }
 
 __all__ = [
@@ -59,14 +75,21 @@ __all__ = [
     "CaptureResult",
     "ExtractionOptions",
     "ExtractionResult",
+    "FinetuningShift",
     "Generation",
     "GuardSpec",
+    "Intervention",
     "LoadedModel",
+    "ModelBusyError",
     "Monitor",
     "PersonaLensError",
     "PersonaVector",
+    "ScreenResult",
+    "ScreenSummary",
     "SteeringHandle",
     "SteeringSpec",
+    "TrainConfig",
+    "TrainResult",
     "TraitDefinition",
     "__version__",
     "capture_forward",
@@ -74,6 +97,7 @@ __all__ = [
     "cosine_similarity",
     "extract",
     "find_blocks",
+    "finetuning_shift",
     "generate",
     "generate_guarded",
     "generate_trait",
@@ -81,7 +105,12 @@ __all__ = [
     "load_judge",
     "load_model",
     "load_trait",
+    "owning",
+    "preset_config",
+    "screen",
     "steer",
+    "synthetic_dataset",
+    "train",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}
 
@@ -108,13 +137,21 @@ if TYPE_CHECKING:
         capture_forward,
         capture_sequences,
     )
-    from persona_lens.core.errors import PersonaLensError
+    from persona_lens.core.errors import ModelBusyError, PersonaLensError
     from persona_lens.core.generation import Generation, generate
     from persona_lens.core.models import LoadedModel, load_model
+    from persona_lens.core.ownership import owning
     from persona_lens.core.steering import SteeringHandle, SteeringSpec, steer
     from persona_lens.core.vectors import PersonaVector, cosine_similarity
     from persona_lens.extraction.extract import ExtractionOptions, ExtractionResult, extract
     from persona_lens.judges.specs import load_judge
     from persona_lens.monitoring.guard import GuardSpec, generate_guarded, guard
+    from persona_lens.screening.results import ScreenResult, ScreenSummary
+    from persona_lens.screening.screen import screen
+    from persona_lens.screening.synthetic import synthetic_dataset
+    from persona_lens.training.config import TrainConfig, preset_config
+    from persona_lens.training.interventions import Intervention
+    from persona_lens.training.run import TrainResult, train
+    from persona_lens.training.shift import FinetuningShift, finetuning_shift
     from persona_lens.traits.definitions import TraitDefinition, load_trait
     from persona_lens.traits.generator import generate_trait

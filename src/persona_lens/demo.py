@@ -5,11 +5,14 @@
    response-average activations during generation;
 3. take the per-layer mean difference as the trait's vector;
 4. answer new questions unsteered, steered towards and away from the trait - all in one
-   batch with per-request coefficients - and monitor each answer's projection.
+   batch with per-request coefficients - and monitor each answer's projection;
+5. screen a few samples of the shipped synthetic dataset (helpful answers vs strongly
+   trait-eliciting ones to the same questions) by their projection difference.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -20,9 +23,11 @@ from rich.table import Table
 
 from persona_lens.core.capture import Monitor
 from persona_lens.core.generation import generate
-from persona_lens.core.models import load_model
+from persona_lens.core.models import LoadedModel, load_model
 from persona_lens.core.steering import SteeringSpec
 from persona_lens.core.vectors import PersonaVector
+from persona_lens.screening.screen import screen
+from persona_lens.screening.synthetic import SYNTHETIC_TRAITS, synthetic_dataset
 from persona_lens.traits.definitions import load_trait
 
 
@@ -37,6 +42,7 @@ def run_demo(
     console: Console,
 ) -> Path:
     started = time.perf_counter()
+    trait = load_trait(trait_name)  # a bad name fails before the model loads
     with console.status(f"loading {model_spec} ..."):
         loaded = load_model(model_spec)
     layout = loaded.layout
@@ -47,7 +53,6 @@ def run_demo(
         f"({time.perf_counter() - started:.1f} s to load)"
     )
 
-    trait = load_trait(trait_name)
     pair = trait.instructions[0]
     questions = list(trait.extraction_questions[:num_questions])
     prompts = [
@@ -123,10 +128,65 @@ def run_demo(
     console.print(table)
     console.print(f"   {len(answers)} answers in {time.perf_counter() - t0:.1f} s")
 
+    _screen_step(loaded, vector, max_new_tokens, console)
+
     path = out or Path(user_cache_dir("persona-lens")) / "demo" / f"{trait.name}.safetensors"
     vector.save(path)
     console.print(f"\nvector saved; total {time.perf_counter() - started:.1f} s")
     return path
+
+
+def _screen_step(
+    loaded: LoadedModel, vector: PersonaVector, max_new_tokens: int, console: Console
+) -> None:
+    """Step 3: the projection difference of Normal vs strongly eliciting (II) answers."""
+    if vector.trait not in SYNTHETIC_TRAITS:
+        console.print(f"\n(no synthetic dataset for '{vector.trait}': screening step skipped)")
+        return
+    count = 6
+    records = [
+        {**json.loads(line), "version": version}
+        for version in ("normal", "ii")
+        for line in synthetic_dataset(vector.trait, version).read_text().splitlines()[:count]
+    ]
+    console.print(
+        f"\n[bold]3. Screen training data[/bold]: {count} questions of the synthetic "
+        f"'{vector.trait}' dataset, each with a helpful (Normal) and a strongly eliciting (II) "
+        "answer; ΔP = answer's projection - the model's own answer's"
+    )
+    t0 = time.perf_counter()
+    with console.status("screening ..."):
+        result = screen(
+            records, vector, model=loaded, max_new_tokens=min(max_new_tokens, 32), filter_top=25.0
+        )
+    name = result.summary.traits[0].name
+    table = Table()
+    for column in ("rank", "version", "ΔP", "flagged", "answer"):
+        table.add_column(column, justify="right" if column in ("rank", "ΔP") else "left")
+    for record in result.records:
+        values = record["screening"]["traits"][name]
+        answer = record["messages"][-1]["content"]
+        table.add_row(
+            str(values["rank"]),
+            record["version"],
+            f"{values['delta_p']:+.3f}",
+            "yes" if values["flagged"] else "",
+            answer if len(answer) < 70 else answer[:69] + "…",
+        )
+    console.print(table)
+    means = {
+        version: sum(
+            r["screening"]["traits"][name]["delta_p"]
+            for r in result.records
+            if r["version"] == version
+        )
+        / count
+        for version in ("normal", "ii")
+    }
+    console.print(
+        f"   dataset-level ΔP: Normal {means['normal']:+.3f}, II {means['ii']:+.3f} "
+        f"({time.perf_counter() - t0:.1f} s; `persona screen` does this for whole datasets)"
+    )
 
 
 def _separating_layer(pos: torch.Tensor, neg: torch.Tensor, diff: torch.Tensor) -> int:

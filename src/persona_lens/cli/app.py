@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -35,10 +36,19 @@ class PlainMetavarGroup(TyperGroup):
     def get_command(self, ctx: click.Context, cmd_name: str) -> Any:
         command = super().get_command(ctx, cmd_name)
         if command is not None:
-            for param in command.get_params(ctx):
-                if getattr(param, "metavar", None) is None and hasattr(param, "display_type"):
-                    param.display_type_rich = functools.partial(plain_metavar, param)  # type: ignore[attr-defined]
+            _plain_metavars(command.get_params(ctx))
         return command
+
+    def get_params(self, ctx: click.Context) -> list[Any]:
+        params = super().get_params(ctx)
+        _plain_metavars(params)  # the group's own --help
+        return params
+
+
+def _plain_metavars(params: list[Any]) -> None:
+    for param in params:
+        if getattr(param, "metavar", None) is None and hasattr(param, "display_type"):
+            param.display_type_rich = functools.partial(plain_metavar, param)
 
 
 app = typer.Typer(
@@ -57,3 +67,29 @@ ModelOption = Annotated[
         "--model", "-m", help="'embedded', a Hugging Face id or directory, or a .gguf file."
     ),
 ]
+
+MaxPromptTokensOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Cut longer prompts to N tokens (chat template included) by cutting the end of "
+        "their last user message; default: a prompt that leaves no room in the model's "
+        "context for the reply is an error.",
+    ),
+]
+
+
+def print_result(path: str | Path) -> None:
+    """Print an output path as the last stdout line (what scripts read), unless the output
+    itself went to stdout."""
+    from persona_lens.core.files import is_stdout
+
+    if not is_stdout(path):
+        print(path)
+
+
+def shown(path: str | Path) -> str:
+    """A path for messages: ``standard output`` when the output went there."""
+    from persona_lens.core.files import is_stdout
+
+    return "standard output" if is_stdout(path) else str(path)

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from persona_lens.cli.app import ModelOption, app
+from persona_lens.cli.app import ModelOption, app, print_result
+from persona_lens.core.files import check_output
 
 
 @app.command()
@@ -18,7 +19,9 @@ def demo(
     questions: Annotated[int, typer.Option(min=1, max=20, help="Extraction questions.")] = 6,
     max_new_tokens: Annotated[int, typer.Option(min=8, max=512)] = 40,
     coefficient: Annotated[float, typer.Option(help="Steering strength.")] = 4.0,
-    out: Annotated[Path | None, typer.Option(help="Where to save the demo vector.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Where to save the demo vector (- for stdout).")
+    ] = None,
 ) -> None:
     """The main job in two minutes: load the model, find a trait's direction from contrastive
     system prompts (activations captured while generating), then steer and monitor with it.
@@ -29,6 +32,7 @@ def demo(
     """
     from persona_lens.demo import run_demo
 
+    target = check_output(out, "--out") if out is not None else None
     path = run_demo(
         model_spec=model,
         trait_name=trait,
@@ -36,6 +40,6 @@ def demo(
         max_new_tokens=max_new_tokens,
         coefficient=coefficient,
         out=out,
-        console=Console(),
+        console=Console(stderr=target is not None and target.to_stdout),
     )
-    print(path)
+    print_result(path)

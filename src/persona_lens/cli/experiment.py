@@ -7,9 +7,15 @@ from typing import Annotated
 
 import typer
 
-from persona_lens.cli.app import ModelOption, app, console
-from persona_lens.cli.generate import load_checked_model, load_vector_files, stage_progress
+from persona_lens.cli.app import ModelOption, app, console, print_result
+from persona_lens.cli.generate import (
+    check_vector_args,
+    load_checked_model,
+    load_vector_files,
+    stage_progress,
+)
 from persona_lens.core.errors import InputError
+from persona_lens.core.files import check_output, check_output_folder
 from persona_lens.interop.prompts_io import parse_vector_ref
 
 
@@ -51,20 +57,25 @@ def monitor_experiment(
       persona monitor-experiment -v evil.safetensors@16 --questions 20 --samples 5
       --max-new-tokens 128 --judge openai:gpt-4.1-mini --out runs/evil
     """
+    from persona_lens.judges.specs import load_judge, parse_judge_spec
     from persona_lens.monitoring.experiment import (
+        OUTPUT_FILES,
         ExperimentSettings,
         run_experiment,
         write_experiment,
     )
     from persona_lens.traits.definitions import load_trait
 
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; give a folder")
+    check_output_folder(out, "--out")
+    for name in OUTPUT_FILES:
+        check_output(out / name, "--out")
+    parse_judge_spec(judge, allow_none=False)
     ref = parse_vector_ref(vector, "--vector")
     if ref.layers is not None and not isinstance(ref.layers, int):
         raise InputError(f"--vector {vector}: give one layer (VEC@N), not {ref.layers}")
     shot_counts = _parse_counts(shots)
     vectors = load_vector_files([ref.path])
+    check_vector_args([], [ref], vectors, None, "--vector")
     definition = load_trait(trait or vectors[ref.path].trait)
     settings = ExperimentSettings(
         questions=questions,
@@ -77,11 +88,7 @@ def monitor_experiment(
         layer=ref.layers if isinstance(ref.layers, int) else None,
     )
     settings.check(definition)
-    if judge.strip().lower() == "none":
-        raise InputError("the experiment needs a judge: --judge offline, openai:MODEL, ...")
-    from persona_lens.judges.specs import load_judge
-
-    judge_obj = load_judge(judge, check=True)
+    judge_obj = load_judge(judge, check=True, allow_none=False)
     loaded, layout = load_checked_model(model, vectors)
     with stage_progress() as report:
         result = run_experiment(
@@ -106,7 +113,7 @@ def monitor_experiment(
         "Pearson r (projection vs trait score): "
         + ", ".join(f"{k} {_r(v['r'])} (n={v['n']})" for k, v in c.items())
     )
-    print(written[-1])
+    print_result(written[-1])
 
 
 def _r(value: float | None) -> str:

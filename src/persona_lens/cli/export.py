@@ -11,8 +11,9 @@ from typing import Annotated
 
 import typer
 
-from persona_lens.cli.app import app, console
+from persona_lens.cli.app import app, console, print_result, shown
 from persona_lens.core.errors import InputError, VectorMismatchError
+from persona_lens.core.files import check_output
 from persona_lens.interop.prompts_io import parse_layers
 
 FORMATS = ("gguf",)
@@ -30,7 +31,7 @@ def _layer_list(text: str | None, num_layers: int) -> list[int] | None:
 @app.command()
 def export(
     vector: Annotated[Path, typer.Argument(help="A persona-lens vector (.safetensors).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output file (.gguf).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file (.gguf; - for stdout).")],
     fmt: Annotated[str, typer.Option("--format", help="Output format: gguf.")] = "gguf",
     layer_range: Annotated[
         str | None,
@@ -64,19 +65,20 @@ def export(
         raise InputError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if coefficient != coefficient or coefficient in (float("inf"), float("-inf")):
         raise InputError("--coefficient must be finite")
+    check_output(out, "--out")
     loaded = PersonaVector.load(vector)
     layers = _layer_list(layer_range, loaded.num_layers)
     path = export_gguf(loaded, out, layers=layers, coefficient=coefficient, hint=model_hint)
     chosen = layers or [loaded.best_layer or 0]
     first, last = to_direction_index(min(chosen)), to_direction_index(max(chosen))
     console.print(
-        f"wrote {path}: {len(set(chosen))} layer(s), llama.cpp direction.{first}"
+        f"wrote {shown(path)}: {len(set(chosen))} layer(s), llama.cpp direction.{first}"
         + (f"..{last}" if last != first else "")
-        + f"; use: --control-vector-scaled {path} 1.0",
+        + f"; use: --control-vector-scaled {path if shown(path) == str(path) else 'FILE'} 1.0",
         highlight=False,
         soft_wrap=True,
     )
-    print(path)
+    print_result(path)
 
 
 @app.command("import")
@@ -84,7 +86,9 @@ def import_(
     control_vector: Annotated[
         Path, typer.Argument(help="A control-vector .gguf (llama.cpp or repeng).")
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output vector (.safetensors).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output vector (.safetensors; - for stdout).")
+    ],
     model: Annotated[
         str | None,
         typer.Option("--model", "-m", help="Check against this model and record it (recommended)."),
@@ -100,10 +104,14 @@ def import_(
       persona import happy.gguf -o happy.safetensors\n
       persona import happy.gguf --model ./Mistral-7B-Instruct -o happy.safetensors
     """
-    from persona_lens.interop.control_vectors import import_gguf
+    from persona_lens.interop.control_vectors import import_gguf, read_control_vector
+    from persona_lens.traits.generator import normalize_name
 
-    if out.suffix != ".safetensors":
+    if not check_output(out, "--out").stream and out.suffix != ".safetensors":
         raise InputError(f"--out {out} should end in .safetensors")
+    if trait is not None:
+        trait = normalize_name(trait)  # the rule `persona extract` applies to names
+    read_control_vector(control_vector)  # a bad file fails before any model loads
     if model is None:
         vector = import_gguf(control_vector, trait=trait)
     else:
@@ -129,6 +137,8 @@ def import_(
     path = vector.save(out)
     layers = vector.metadata.get("imported_layers", "")
     console.print(
-        f"wrote {path}: trait {vector.trait!r}, layers {layers}", highlight=False, soft_wrap=True
+        f"wrote {shown(path)}: trait {vector.trait!r}, layers {layers}",
+        highlight=False,
+        soft_wrap=True,
     )
-    print(path)
+    print_result(path)

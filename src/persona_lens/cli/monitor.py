@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from persona_lens.cli.app import ModelOption, app
+from persona_lens.cli.app import MaxPromptTokensOption, ModelOption, app, print_result
 from persona_lens.cli.generate import (
     Advance,
     build_monitors,
+    check_vector_args,
     generation_records,
     load_checked_model,
     load_vector_files,
@@ -25,7 +26,8 @@ from persona_lens.cli.generate import (
     progress_bar,
 )
 from persona_lens.core.errors import InputError
-from persona_lens.interop.prompts_io import read_prompts, write_jsonl
+from persona_lens.core.files import check_output
+from persona_lens.interop.prompts_io import fit_prompts, read_prompt_file, write_jsonl
 
 if TYPE_CHECKING:
     from persona_lens.core.architecture import BlockLayout
@@ -47,10 +49,10 @@ def prompt_projections(
     import torch
 
     from persona_lens.core.capture import capture_forward
-    from persona_lens.core.generation import render_chat, to_messages
+    from persona_lens.core.generation import render_prompt
 
     tokenizer = loaded.tokenizer
-    texts = [render_chat(tokenizer, to_messages(r, system)) for r in records]
+    texts = [render_prompt(tokenizer, r, system) for r in records]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
     results: list[dict[str, float]] = [{} for _ in texts]
@@ -82,7 +84,9 @@ def monitor(
     prompts: Annotated[
         Path, typer.Option("--prompts", "-p", help="JSONL: {'messages': [...]} or {'prompt': ...}")
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output JSONL (written at the end).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output JSONL (written at the end; - for stdout).")
+    ],
     vector: Annotated[
         list[str],
         typer.Option("--vector", "-v", help="VEC or VEC@LAYER to project onto; repeatable."),
@@ -101,6 +105,7 @@ def monitor(
         bool,
         typer.Option("--token-projections", help="With --generate: per-token projections."),
     ] = False,
+    max_prompt_tokens: MaxPromptTokensOption = None,
 ) -> None:
     """Project the last prompt token onto each vector: predicts the trait before generation.
 
@@ -120,9 +125,19 @@ def monitor(
     refs = parse_monitor_refs(vector, "--vector")
     if not refs:
         raise InputError("give at least one --vector")
-    records = read_prompts(prompts)
+    prompt_file = read_prompt_file(prompts)
+    check_output(out, "--out")
     vectors = load_vector_files([r.path for r in refs])
+    check_vector_args([], refs, vectors, layer, "--vector")
     loaded, layout = load_checked_model(model, vectors)
+    records = fit_prompts(
+        prompt_file,
+        loaded.model,
+        loaded.tokenizer,
+        max_new_tokens=max_new_tokens if generate else 0,
+        max_prompt_tokens=max_prompt_tokens,
+        system=system,
+    )
     monitors = build_monitors(refs, vectors, layout, layer)
     if generate:
         rows = generation_records(
@@ -150,4 +165,4 @@ def monitor(
             {**record, "projections": v, "prompt_projections": v}
             for record, v in zip(records, values, strict=True)
         ]
-    print(write_jsonl(out, rows))
+    print_result(write_jsonl(out, rows))

@@ -5,6 +5,12 @@ is the input of block 1 (the embedding output), index l in 1..L is the output of
 the last one before any final norm. Blocks are found by structure - the ``nn.ModuleList``
 whose length is the model's layer count and that holds most parameters - never from a list
 of attribute names, so new families work without code changes. ``block_path`` overrides it.
+
+Models with more than one residual stream go through an adapter first (``_ADAPTERS``): a
+block-diffusion model (a config ``canvas_length``, an encoder and a decoder with L blocks each)
+has an encoder stream over the prompt and the committed canvases and a decoder stream over the
+canvas being denoised; its layout names both (``streams``) and reads the one in
+``BLOCK_DIFFUSION_READ_STREAM`` unless ``block_path`` picks the other.
 """
 
 from __future__ import annotations
@@ -23,19 +29,50 @@ _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
 @dataclass(frozen=True)
+class Stream:
+    """One residual stream of a model that has several (block diffusion: encoder, decoder)."""
+
+    name: str
+    path: str
+    module: nn.Module  # the stream's model: its forward runs the blocks
+    blocks: tuple[nn.Module, ...]
+    block_kinds: tuple[str, ...]
+    covers: str  # which tokens its forwards hold, for ``persona info``
+
+
+@dataclass(frozen=True)
 class BlockLayout:
-    """Where a model's residual blocks are and what kind each one is."""
+    """Where a model's residual blocks are and what kind each one is.
+
+    For a model with several streams, ``path``/``blocks`` are the stream that is read
+    (captured, monitored) and ``streams`` lists them all; ``canvas_length`` is set for
+    block-diffusion models.
+    """
 
     path: str
     blocks: tuple[nn.Module, ...]
     family: str
     hidden_size: int
     block_kinds: tuple[str, ...]
+    streams: tuple[Stream, ...] = ()
+    canvas_length: int | None = None
 
     @property
     def num_layers(self) -> int:
         """L, the number of residual blocks (vectors have L+1 rows)."""
         return len(self.blocks)
+
+    @property
+    def is_block_diffusion(self) -> bool:
+        """A block-diffusion model: canvases denoised by a decoder, committed by an encoder."""
+        return self.canvas_length is not None
+
+    def stream(self, name: str | None = None) -> Stream:
+        """The stream called ``name`` (default: the one that is read)."""
+        for stream in self.streams:
+            if (name is None and stream.path == self.path) or stream.name == name:
+                return stream
+        raise ArchitectureError(f"{self.family} has no residual stream {name or self.path!r}")
 
     def describe(self) -> dict[str, Any]:
         """A JSON-friendly summary for ``persona info``."""
@@ -50,12 +87,40 @@ class BlockLayout:
             "block_classes": sorted({type(b).__name__ for b in self.blocks}),
             "block_kinds": counts,
             "layout": "".join(_layout_letter(k) for k in self.block_kinds),
+            **self._describe_streams(),
+            **self._describe_sparse(),
+        }
+
+    def _describe_sparse(self) -> dict[str, Any]:
+        if not any(kind.startswith("sparse-attention") for kind in self.block_kinds):
+            return {}
+        return {
+            "note": "dynamic sparse attention: where the indexer's top-k scores tie, "
+            "transformers' cached decoding can keep other keys than a forward over the same "
+            "tokens, so activations captured while generating can differ from a forward pass"
+        }
+
+    def _describe_streams(self) -> dict[str, Any]:
+        if not self.streams:
+            return {}
+        return {
+            "read_stream": self.stream().name,
+            "streams": {
+                s.name: {
+                    "block_path": s.path,
+                    "layout": "".join(_layout_letter(k) for k in s.block_kinds),
+                    "covers": s.covers,
+                }
+                for s in self.streams
+            },
+            "canvas_length": self.canvas_length,
         }
 
 
 _KIND_LETTER = {
     "attention": "A",
     "sliding-attention": "S",
+    "sparse-attention": "D",
     "linear-attention": "L",
     "ssm": "M",
     "conv": "C",
@@ -92,28 +157,34 @@ def _param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, BlockLayout] = weakref.WeakKeyDictionary()
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, dict[str | None, BlockLayout]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def find_blocks(model: nn.Module, block_path: str | None = None) -> BlockLayout:
-    """Locate the ordered residual blocks of ``model`` (cached per model while its blocks
-    stay the same modules).
+    """Locate the ordered residual blocks of ``model`` (cached per model and ``block_path``
+    while its blocks stay the same modules; a path given once does not change the default).
 
     Raises ArchitectureError when no plausible block list exists or ``block_path`` is wrong.
     """
-    cached = _LAYOUTS.get(model)
-    if cached is not None and block_path in (None, cached.path):
+    found = _LAYOUTS.setdefault(model, {})
+    cached = found.get(block_path)
+    if cached is not None:
         current = tuple(model.get_submodule(cached.path).children())
         if len(current) == cached.num_layers and all(
             a is b for a, b in zip(current, cached.blocks, strict=True)
         ):
             return cached
-    layout = _find_blocks(model, block_path)
-    _LAYOUTS[model] = layout
+    layout = found[block_path] = _find_blocks(model, block_path)
     return layout
 
 
 def _find_blocks(model: nn.Module, block_path: str | None) -> BlockLayout:
+    for adapter in _ADAPTERS:
+        adapted = adapter(model, block_path)
+        if adapted is not None:
+            return adapted
     if block_path is not None:
         try:
             found = model.get_submodule(block_path)
@@ -150,6 +221,60 @@ def _discover(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return name, blocks
 
 
+BLOCK_DIFFUSION_READ_STREAM = "encoder"  # chosen by measurement: see ARCHITECTURE.md
+_DIFFUSION_COVERS = {
+    "encoder": "prompt + committed canvases (one forward per canvas, into the KV cache)",
+    "decoder": "the canvas being denoised (one forward per denoising step)",
+}
+
+
+def _block_diffusion_layout(model: nn.Module, block_path: str | None) -> BlockLayout | None:
+    """Both streams of a block-diffusion model, found by structure, or None if it is not one:
+    a config ``canvas_length``, and an encoder and a decoder that each hold L blocks."""
+    canvas = getattr(getattr(model, "config", None), "canvas_length", None)
+    get_encoder = getattr(model, "get_encoder", None)
+    get_decoder = getattr(model, "get_decoder", None)
+    if not isinstance(canvas, int) or not callable(get_encoder) or not callable(get_decoder):
+        return None
+    modules = {"encoder": get_encoder(), "decoder": get_decoder()}
+    if not all(isinstance(m, nn.Module) for m in modules.values()):
+        return None
+    if modules["encoder"] is modules["decoder"]:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    streams = []
+    for name, module in modules.items():
+        inner, blocks = _discover(module)
+        path = ".".join(p for p in (names.get(id(module), ""), inner) if p)
+        kinds = tuple(classify_block(b, i, model) for i, b in enumerate(blocks))
+        streams.append(Stream(name, path, module, tuple(blocks), kinds, _DIFFUSION_COVERS[name]))
+    if len({len(s.blocks) for s in streams}) != 1:
+        return None
+    by_path = {s.path: s for s in streams}
+    if block_path is not None and block_path not in by_path:
+        raise ArchitectureError(
+            f"a block-diffusion model reads one of its streams: block_path must be one of "
+            f"{sorted(by_path)}, not {block_path!r}"
+        )
+    read = (
+        by_path[block_path]
+        if block_path
+        else next(s for s in streams if s.name == BLOCK_DIFFUSION_READ_STREAM)
+    )
+    return BlockLayout(
+        path=read.path,
+        blocks=read.blocks,
+        family=str(getattr(text_config(model), "model_type", type(model).__name__)),
+        hidden_size=_hidden_size(model),
+        block_kinds=read.block_kinds,
+        streams=tuple(streams),
+        canvas_length=canvas,
+    )
+
+
+_ADAPTERS = (_block_diffusion_layout,)
+
+
 def _hidden_size(model: nn.Module) -> int:
     get_embeddings = getattr(model, "get_input_embeddings", None)
     embeddings = get_embeddings() if callable(get_embeddings) else None
@@ -166,7 +291,7 @@ def _hidden_size(model: nn.Module) -> int:
 _RECURRENT_MARKERS = ("rwkv", "rglru", "recurrentblock", "xlstm", "mlstm", "slstm")
 _LINEAR_MARKERS = ("lightning", "deltanet", "gateddelta", "deltaattention")
 _CONV_MARKERS = ("shortconv",)
-_MOE_MARKERS = ("experts", "moe", "router")
+_MOE_MARKERS = ("experts", "router")  # not "moe": dense MLPs of *Moe* families are named so
 
 
 def _class_names(module: nn.Module) -> list[str]:
@@ -188,6 +313,8 @@ def classify_block(block: nn.Module, index: int, model: nn.Module | None = None)
         kind = "hybrid" if attention else "ssm"
     elif _any(joined, _CONV_MARKERS):
         kind = "conv"
+    elif attention and _picks_keys(block):
+        kind = "sparse-attention"  # dynamic: an indexer picks each query's top-k keys
     elif attention:
         layer_type = _declared_layer_type(model, index)
         sliding = "sliding" in layer_type or "chunked" in layer_type
@@ -203,6 +330,11 @@ def classify_block(block: nn.Module, index: int, model: nn.Module | None = None)
 
 def _any(text: str, markers: Iterable[str]) -> bool:
     return any(m in text for m in markers)
+
+
+def _picks_keys(block: nn.Module) -> bool:
+    """Whether a module in the block selects a top-k of keys per query (``index_topk``)."""
+    return any(isinstance(getattr(m, "index_topk", None), int) for m in block.modules())
 
 
 def _declared_layer_type(model: nn.Module | None, index: int) -> str:
@@ -223,6 +355,17 @@ def _uses_sliding_window(block: nn.Module, model: nn.Module | None) -> bool:
     window = getattr(config, "sliding_window", None)
     use_window = getattr(config, "use_sliding_window", True)
     return isinstance(window, int) and window > 0 and bool(use_window)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's input ids go: the device of its input embeddings (the first device of
+    a model split with ``device_map``), else of its first parameter."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    return next(model.parameters()).device
 
 
 def block_hidden(output: Any) -> torch.Tensor:

@@ -13,8 +13,13 @@ prompt, each later one feeds one sampled token; a token counts as response while
 not yet fed an end-of-sequence token and it is within ``max_response_tokens``. A response
 token's activation is the one computed when that token is fed, exactly what a separate forward
 over prompt + response gives. *Forward*: one pass over full sequences with an explicit
-``response_mask`` (screening, training data, references). Sums accumulate in float32 on the
-device of each block; nothing syncs with the host until :meth:`result`.
+``response_mask`` (screening, training data, references).
+
+Every reduction and projection accumulates in float32 whatever the model's dtype (a bf16 or
+fp16 sum over many tokens rounds or overflows), on the device of each block: masks and
+directions are moved to the block's device, so a model split over devices (``device_map``)
+works. Nothing syncs with the host until :meth:`result`. While attached, a capture holds the
+model for its thread (one owner per model, :mod:`persona_lens.core.ownership`).
 """
 
 from __future__ import annotations
@@ -33,8 +38,11 @@ from persona_lens.core.architecture import (
     block_hidden,
     block_input_hidden,
     find_blocks,
+    input_device,
 )
+from persona_lens.core.batching import batch_groups, batching_mode
 from persona_lens.core.errors import InputError
+from persona_lens.core.ownership import ModelClaim, claim_model, owning, release_model
 from persona_lens.core.positions import read_forward_inputs
 from persona_lens.core.vectors import check_layer
 
@@ -106,12 +114,13 @@ class ActivationCapture:
         self._monitors_at: dict[int, list[Monitor]] = {}
         for monitor in self.monitors:
             self._monitors_at.setdefault(monitor.layer, []).append(monitor)
-        self._units: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self._units: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._keep = set(self.layers)
         self.prompt_stats = prompt_stats
         self.want_response_mean = response_mean
         self._eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
         self._handles: list[RemovableHandle] = []
+        self._claim: ModelClaim | None = None
         self.begin()
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -128,6 +137,7 @@ class ActivationCapture:
         self._step = 0
         self._finished: torch.Tensor | None = None
         self._weights: dict[str, Any] = {}
+        self._weights_at: dict[torch.device, dict[str, Any]] = {}
         self._sums: dict[str, dict[int, torch.Tensor]] = {
             "prompt_last": {},
             "prompt_mean": {},
@@ -140,8 +150,9 @@ class ActivationCapture:
         self._prompt_proj: dict[str, torch.Tensor] = {}
 
     def attach(self) -> ActivationCapture:
-        if self._handles:
+        if self._claim is not None:
             return self
+        self._claim = claim_model(self.model)
         self._handles.append(
             self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True)
         )
@@ -161,6 +172,9 @@ class ActivationCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._claim is not None:
+            self._claim = None
+            release_model(self.model)
 
     def __enter__(self) -> ActivationCapture:
         return self.attach()
@@ -170,9 +184,12 @@ class ActivationCapture:
 
     # --- hooks --------------------------------------------------------------------------
     def _on_model_forward(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        if self._claim is not None:
+            self._claim.check()
         inputs = read_forward_inputs(args, kwargs)
         step = self._step
         self._step += 1
+        self._weights_at = {}
         if step == 0:
             self._weights = self._first_forward_weights(inputs)
             return
@@ -226,51 +243,66 @@ class ActivationCapture:
         return hook
 
     def _record(self, layer: int, hidden: torch.Tensor) -> None:
+        if self._claim is not None:
+            self._claim.check()
         with torch.no_grad():
-            if self._weights.get("step") is not None:
-                self._record_step(layer, hidden)
+            weights = self._weights_on(hidden.device)
+            if weights.get("step") is not None:
+                self._record_step(layer, hidden, weights)
             else:
-                self._record_full(layer, hidden)
+                self._record_full(layer, hidden, weights)
 
-    def _record_step(self, layer: int, hidden: torch.Tensor) -> None:
+    def _weights_on(self, device: torch.device) -> dict[str, Any]:
+        """This forward's masks on ``device`` (a block's device; moved once per forward)."""
+        weights = self._weights_at.get(device)
+        if weights is None:
+            weights = {
+                k: v.to(device) if isinstance(v, torch.Tensor) else v
+                for k, v in self._weights.items()
+            }
+            self._weights_at[device] = weights
+        return weights
+
+    def _record_step(self, layer: int, hidden: torch.Tensor, weights: dict[str, Any]) -> None:
         """A decoding step: one new token per row, weighted 1 while the row is responding."""
-        token = hidden[:, -1]
+        token = hidden[:, -1].float()
         if layer in self._keep and self.want_response_mean:
-            contribution = token.float() * self._weights["step"]
+            contribution = token * weights["step"]
             sums = self._sums["response_mean"]
             if layer in sums:
                 sums[layer].add_(contribution)
             else:
                 sums[layer] = contribution
         for monitor in self._monitors_at.get(layer, ()):
-            self._step_proj[monitor.name].append((token @ self._unit(monitor, token)).float())
+            self._step_proj[monitor.name].append(token @ self._unit(monitor, token.device))
 
-    def _record_full(self, layer: int, hidden: torch.Tensor) -> None:
+    def _record_full(self, layer: int, hidden: torch.Tensor, weights: dict[str, Any]) -> None:
         """The prompt forward (generation mode) or the one full forward (forward mode)."""
-        weights = self._weights
         prompt, last, response = weights["prompt"], weights["last"], weights["response"]
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         if layer in self._keep and self.prompt_stats and prompt is not None:
-            w = prompt.to(hidden.dtype)
-            w = w / w.sum(dim=1, keepdim=True).clamp_min(1)
-            self._sums["prompt_mean"][layer] = torch.einsum("bt,btd->bd", w, hidden).float()
+            total = _masked_sum(hidden, prompt)
+            count = prompt.sum(dim=1, keepdim=True).clamp_min(1).float()
+            self._sums["prompt_mean"][layer] = total / count
             self._sums["prompt_last"][layer] = hidden[rows, last].float()
         if layer in self._keep and self.want_response_mean and response is not None:
-            w = response.to(hidden.dtype)
-            self._sums["response_mean"][layer] = torch.einsum("bt,btd->bd", w, hidden).float()
-        for monitor in self._monitors_at.get(layer, ()):
-            projection = (hidden @ self._unit(monitor, hidden)).float()
-            if last is not None:
-                self._prompt_proj[monitor.name] = projection[rows, last]
-            if self._forward_mask is not None:
-                self._forward_proj[monitor.name] = projection
+            self._sums["response_mean"][layer] = _masked_sum(hidden, response)
+        monitors = self._monitors_at.get(layer, ())
+        if monitors:
+            wide = hidden.float()
+            for monitor in monitors:
+                projection = wide @ self._unit(monitor, hidden.device)
+                if last is not None:
+                    self._prompt_proj[monitor.name] = projection[rows, last]
+                if self._forward_mask is not None:
+                    self._forward_proj[monitor.name] = projection
 
-    def _unit(self, monitor: Monitor, like: torch.Tensor) -> torch.Tensor:
-        """The monitor's unit direction on ``like``'s device and dtype (cached)."""
-        key = (monitor.name, like.device, like.dtype)
+    def _unit(self, monitor: Monitor, device: torch.device) -> torch.Tensor:
+        """The monitor's float32 unit direction on ``device`` (cached)."""
+        key = (monitor.name, device)
         unit = self._units.get(key)
         if unit is None:
-            unit = self._units[key] = monitor.unit().to(like.device, like.dtype)
+            unit = self._units[key] = monitor.unit().to(device)
         return unit
 
     # --- results ------------------------------------------------------------------------
@@ -315,6 +347,13 @@ class ActivationCapture:
         return torch.stack(steps, dim=1).cpu() if steps else None
 
 
+def _masked_sum(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of ``hidden`` [B, T, d] over the positions where ``mask`` [B, T] is true, [B, d],
+    accumulated in float32 (the product by a 0/1 mask is exact in any dtype)."""
+    kept = hidden * mask.unsqueeze(-1).to(hidden.dtype)
+    return kept.sum(dim=1, dtype=torch.float32)
+
+
 def _stack(per_layer: dict[int, torch.Tensor], layers: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([per_layer[layer].cpu() for layer in layers], dim=1)
 
@@ -330,6 +369,14 @@ def capture_forward(
     monitors: Sequence[Monitor] = (),
 ) -> CaptureResult:
     """One forward pass over full sequences; reductions over ``response_mask`` [B, T]."""
+    layout = layout or find_blocks(model)
+    if layout.is_block_diffusion:  # the encoder reads given tokens: core/diffusion
+        from persona_lens.core.diffusion.generation import capture_forward_diffusion
+
+        return capture_forward_diffusion(
+            model, input_ids, attention_mask, response_mask, layout=layout, layers=layers,
+            monitors=monitors,
+        )  # fmt: skip
     capture = ActivationCapture(model, layout, layers=layers, monitors=monitors)
     capture.begin(response_mask=response_mask)
     kwargs = padded_forward_kwargs(model, attention_mask)
@@ -361,7 +408,9 @@ def capture_sequences(
     batch_size: int = 16,
 ) -> list[CaptureResult]:
     """Capture prompt + response token sequences produced elsewhere (another generation
-    engine, a dataset): length-sorted, left-padded batches through :func:`capture_forward`.
+    engine, a dataset): length-sorted, left-padded batches through :func:`capture_forward`
+    (padding-free batches of equal length for a family that padding corrupts, see
+    :mod:`persona_lens.core.batching`).
 
     Returns one single-row :class:`CaptureResult` per sequence, in input order; the
     reductions equal those recorded while generating the same tokens.
@@ -371,33 +420,33 @@ def capture_sequences(
     if batch_size < 1:
         raise InputError("batch_size must be at least 1")
     layout = layout or find_blocks(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     results: list[CaptureResult | None] = [None] * len(lengths)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        width = max(lengths[i] for i in rows)
-        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        response = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, i in enumerate(rows):
-            tokens = [*prompt_ids[i], *response_ids[i]]
-            input_ids[j, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
-            attention[j, width - len(tokens) :] = 1
-            if response_ids[i]:
-                response[j, width - len(response_ids[i]) :] = 1
-        captured = capture_forward(
-            model,
-            input_ids.to(device),
-            attention.to(device),
-            response.to(device),
-            layout=layout,
-            layers=layers,
-            monitors=monitors,
-        )
-        for j, i in enumerate(rows):
-            results[i] = _row(captured, j)
+    with owning(model):
+        padded = batching_mode(model, pad_token_id) == "padded"
+        for rows in batch_groups(lengths, "padded" if padded else "equal-length", batch_size):
+            width = max(lengths[i] for i in rows)
+            input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+            attention = torch.zeros((len(rows), width), dtype=torch.long)
+            response = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, i in enumerate(rows):
+                tokens = [*prompt_ids[i], *response_ids[i]]
+                input_ids[j, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+                attention[j, width - len(tokens) :] = 1
+                if response_ids[i]:
+                    response[j, width - len(response_ids[i]) :] = 1
+            captured = capture_forward(
+                model,
+                input_ids.to(device),
+                attention.to(device),
+                response.to(device),
+                layout=layout,
+                layers=layers,
+                monitors=monitors,
+            )
+            for j, i in enumerate(rows):
+                results[i] = _row(captured, j)
     return [r for r in results if r is not None]
 
 

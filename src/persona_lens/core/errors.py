@@ -30,3 +30,12 @@ class VectorMismatchError(VectorError):
 
 class InputError(PersonaLensError):
     """Malformed user input: empty prompt list, bad JSONL line, bad option value."""
+
+
+class ModelBusyError(PersonaLensError):
+    """A model used from a second thread while another thread holds it (one owner per model)."""
+
+
+class NonFiniteError(PersonaLensError):
+    """The model's activations became NaN or infinite (usually: a steering coefficient too
+    large for its vector)."""

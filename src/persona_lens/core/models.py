@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from persona_lens.core.architecture import BlockLayout, find_blocks
+from persona_lens.core.architecture import BlockLayout, find_blocks, input_device
 from persona_lens.core.errors import InputError, ModelSpecError
 
 EMBEDDED = "embedded"
@@ -62,6 +62,7 @@ _VOLATILE_KEYS = {
     "return_dict",
 }
 _MiB = 1 << 20
+DeviceMap = str | dict[str, Any]
 
 
 @dataclass
@@ -201,10 +202,26 @@ def model_fingerprint(
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _fail(spec: str, exc: BaseException | str) -> ModelSpecError:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    detail = lines[0][:300] if lines else type(exc).__name__
-    return ModelSpecError(f"cannot load model {spec!r}: {detail}")
+def _fail(spec: str, exc: BaseException | str, what: str = "") -> ModelSpecError:
+    """One line: the whole message joined (never cut mid-sentence below 300 characters)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > 300:
+        text = text[:300].rsplit(" ", 1)[0] + " ..."
+    return ModelSpecError(f"cannot load model {spec!r}: {what}{text}")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    """Whether a model folder holds any tokenizer file (json, sentencepiece, tiktoken...)."""
+    for path in folder.iterdir():
+        name = path.name.lower()
+        if name in TOKENIZER_FILES or "tokenizer" in name or "vocab" in name:
+            return True
+        if name.endswith((".model", ".tiktoken")) or name == "merges.txt":
+            return True
+    return False
 
 
 def _offline() -> bool:
@@ -228,20 +245,52 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
 
 
 def _load_pretrained(
-    path: str, spec: str, dtype: torch.dtype, **kwargs: Any
+    path: str,
+    spec: str,
+    dtype: torch.dtype,
+    device_map: DeviceMap | None = None,
+    **kwargs: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Tokenizer and model from a directory or hub id, with SDPA attention where supported."""
+    folder = Path(path)
+    if folder.is_dir() and not _has_tokenizer_files(folder):
+        raise ModelSpecError(
+            f"cannot load model {spec!r}: the folder has no tokenizer (none of "
+            f"{', '.join(TOKENIZER_FILES)}); save it beside the weights with "
+            "tokenizer.save_pretrained(FOLDER)"
+        )
+    placement: dict[str, Any] = {} if device_map is None else {"device_map": device_map}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except Exception as exc:
+        raise _fail(spec, exc, "its tokenizer does not load: ") from exc
+    try:
+        model_class = _generative_class(path, **kwargs)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, attn_implementation="sdpa", **kwargs
+            model = model_class.from_pretrained(
+                path, dtype=dtype, attn_implementation="sdpa", **placement, **kwargs
             )
         except (ValueError, ImportError):
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+            model = model_class.from_pretrained(path, dtype=dtype, **placement, **kwargs)
     except Exception as exc:
         raise _fail(spec, exc) from exc
     return model, tokenizer
+
+
+def _generative_class(path: str, **kwargs: Any) -> Any:
+    """AutoModelForCausalLM, or for a generative model outside its mapping (a block-diffusion
+    model, say) the class its config names, if transformers has it and it can generate."""
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    if type(config) in AutoModelForCausalLM._model_mapping:
+        return AutoModelForCausalLM
+    import transformers
+
+    for name in getattr(config, "architectures", None) or ():
+        found: Any = getattr(transformers, str(name), None)
+        generative = isinstance(found, type) and issubclass(found, PreTrainedModel)
+        if generative and callable(getattr(found, "generate", None)) and found.can_generate():
+            return found
+    return AutoModelForCausalLM  # its error message names the unsupported config
 
 
 def _gguf_key(path: Path) -> str:
@@ -255,10 +304,25 @@ def _gguf_key(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_gguf_file(path: Path, spec: str) -> None:
+    """ModelSpecError unless ``path`` is a complete GGUF file: the reader maps every tensor,
+    so a truncated download fails here with a clear message instead of inside numpy."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(str(path))
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        what = "is not a GGUF file" if "magic" in detail.lower() else "looks truncated or corrupt"
+        raise ModelSpecError(f"cannot load model {spec!r}: the file {what} ({detail})") from exc
+
+
 def _convert_gguf(path: Path, out: Path) -> None:
     """Dequantize a GGUF file into a transformers checkpoint directory (float32)."""
     from transformers.initialization import no_init_weights
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    check_gguf_file(path, str(path))
 
     folder, name = str(path.parent), path.name
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
@@ -300,6 +364,8 @@ def _ensure_gguf_cache(path: Path, spec: str) -> Path:
         except OSError:
             if not final.is_dir():  # another process won the race otherwise
                 raise
+    except ModelSpecError as exc:  # already says what is wrong, naming the file
+        raise ModelSpecError(str(exc).replace(repr(str(path)), repr(spec), 1)) from exc
     except Exception as exc:
         raise _fail(spec, exc) from exc
     finally:
@@ -353,13 +419,28 @@ def load_model(
     *,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
+    device_map: DeviceMap | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer (left padding, pad token set), in eval mode."""
+    """Load a causal LM and its tokenizer (left padding, pad token set), in eval mode.
+
+    ``device_map`` (``"auto"`` or a dict of module path -> device, needs ``accelerate``:
+    ``pip install 'persona-lens[accelerate]'``) spreads the model over several devices, as in
+    ``from_pretrained``; steering and capture hooks follow each block's device. It replaces
+    ``device``; ``.device`` is then the device of the input embeddings.
+    """
+    if device_map is not None:
+        if device is not None:
+            raise InputError("give device or device_map, not both")
+        if importlib.util.find_spec("accelerate") is None:
+            raise InputError("device_map needs accelerate: pip install 'persona-lens[accelerate]'")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     source, why = _resolve_source(spec)
+    offline = bool(why)
     try:
-        model, tokenizer = _load_pretrained(source, spec, torch_dtype, local_files_only=bool(why))
+        model, tokenizer = _load_pretrained(
+            source, spec, torch_dtype, device_map, local_files_only=offline
+        )
     except ModelSpecError as exc:
         gguf = _gguf_source(spec)
         if gguf is None:
@@ -369,8 +450,12 @@ def load_model(
                 ) from exc
             raise
         shutil.rmtree(source, ignore_errors=True)  # a damaged cache entry: rebuild it once
-        model, tokenizer = _load_pretrained(str(_ensure_gguf_cache(gguf, spec)), spec, torch_dtype)
-    cast(Any, model).to(dev)  # transformers types `to` oddly
+        rebuilt = str(_ensure_gguf_cache(gguf, spec))
+        model, tokenizer = _load_pretrained(rebuilt, spec, torch_dtype, device_map)
+    if device_map is None:
+        cast(Any, model).to(dev)  # transformers types `to` oddly
+    else:
+        dev = input_device(model)
     model.eval()
     prepare_tokenizer(tokenizer)
     gen = getattr(model, "generation_config", None)

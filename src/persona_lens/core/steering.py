@@ -26,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from persona_lens.core.architecture import BlockLayout, block_hidden, find_blocks, with_block_hidden
 from persona_lens.core.errors import InputError, LayerError
+from persona_lens.core.ownership import ModelClaim, claim_model, release_model
 from persona_lens.core.positions import POSITIONS, Positions, PositionTracker
 from persona_lens.core.vectors import PersonaVector, check_finite_matrix, check_layer
 
@@ -167,23 +168,38 @@ def compile_specs(specs: Iterable[SteeringSpec], layout: BlockLayout) -> dict[in
 
 
 def _fold_adds(ops: list[_LayerOp]) -> list[_LayerOp]:
-    """Merge scalar ``add`` ops with the same positions into one (one add per block)."""
+    """Merge each run of consecutive scalar ``add`` ops into one per positions selection.
+
+    Adds commute with each other but not with ``ablate`` or ``cap``, so a run ends at any
+    other operator: [add A, ablate A, add B] keeps B's component along A.
+    """
     folded: list[_LayerOp] = []
-    merged: dict[str, _LayerOp] = {}
+    run: dict[str, _LayerOp] = {}  # positions -> the merged add of the current run
     for op in ops:
-        if op.operator == "add" and not isinstance(op.coefficient, torch.Tensor):
-            scaled = op.direction * op.coefficient
-            if op.positions in merged:
-                merged[op.positions].direction = merged[op.positions].direction + scaled
-                continue
-            op = _LayerOp(scaled, 1.0, op.positions, "add", None)
-            merged[op.positions] = op
-        folded.append(op)
+        if op.operator != "add":
+            run = {}
+            folded.append(op)
+            continue
+        if isinstance(op.coefficient, torch.Tensor):  # per-row: kept apart, still in the run
+            folded.append(op)
+            continue
+        scaled = op.direction * op.coefficient
+        if op.positions in run:
+            run[op.positions].direction = run[op.positions].direction + scaled
+            continue
+        merged = _LayerOp(scaled, 1.0, op.positions, "add", None)
+        run[op.positions] = merged
+        folded.append(merged)
     return folded
 
 
 class SteeringHandle:
-    """Hooks applying a steering plan; a context manager that always removes them."""
+    """Hooks applying a steering plan; a context manager that always removes them.
+
+    While attached it holds the model for the thread that attached it (one owner per model,
+    :mod:`persona_lens.core.ownership`): a forward from another thread raises
+    :class:`~persona_lens.core.errors.ModelBusyError` instead of being steered.
+    """
 
     def __init__(self, model: nn.Module, plan: dict[int, list[_LayerOp]], layout: BlockLayout):
         self.model = model
@@ -191,23 +207,29 @@ class SteeringHandle:
         self.plan = plan
         self.tracker: PositionTracker | None = None
         self._handles: list[RemovableHandle] = []
+        self._claim: ModelClaim | None = None
 
     @property
     def active(self) -> bool:
-        return bool(self._handles)
+        return self._claim is not None
 
     def attach(self) -> SteeringHandle:
         if self.active:
             return self
-        needs_positions = any(op.positions != "all" for ops in self.plan.values() for op in ops)
-        if needs_positions:
-            self.tracker = PositionTracker()
-            self.tracker.attach(self.model)
-        for layer, ops in sorted(self.plan.items()):
-            block = self.layout.blocks[layer - 1]
-            # prepend: steering runs before any capture hook, which then sees the steered stream
-            hook = block.register_forward_hook(self._make_hook(ops), prepend=True)
-            self._handles.append(hook)
+        self._claim = claim_model(self.model)
+        try:
+            needs_positions = any(op.positions != "all" for ops in self.plan.values() for op in ops)
+            if needs_positions:
+                self.tracker = PositionTracker()
+                self.tracker.attach(self.model)
+            for layer, ops in sorted(self.plan.items()):
+                block = self.layout.blocks[layer - 1]
+                # prepend: steering runs before any capture hook, which sees the steered stream
+                hook = block.register_forward_hook(self._make_hook(ops, self._claim), prepend=True)
+                self._handles.append(hook)
+        except BaseException:
+            self.remove()
+            raise
         return self
 
     def remove(self) -> None:
@@ -217,9 +239,17 @@ class SteeringHandle:
         if self.tracker is not None:
             self.tracker.detach()
             self.tracker = None
+        if self._claim is not None:
+            self._claim = None
+            release_model(self.model)
 
     def reset_positions(self, prompt_length: int | None = None) -> None:
-        """Declare that the next forward starts a new sequence (optionally its prompt length)."""
+        """Declare that the next forward starts a new sequence (optionally its prompt length).
+
+        Never needed around ``generate`` calls, whose new sequences the handle recognises
+        itself (:class:`~persona_lens.core.positions.PositionTracker`); useful before a plain
+        forward over prompt + response, to say where the prompt ends.
+        """
         if self.tracker is not None:
             self.tracker.reset(prompt_length)
 
@@ -229,8 +259,9 @@ class SteeringHandle:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
-    def _make_hook(self, ops: list[_LayerOp]) -> Callable[..., Any]:
+    def _make_hook(self, ops: list[_LayerOp], claim: ModelClaim) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            claim.check()  # a forward of another thread, already running when we attached
             hidden = block_hidden(output)
             steered = hidden
             for op in ops:
@@ -276,6 +307,10 @@ def steer(
     spec_list = [specs] if isinstance(specs, SteeringSpec) else list(specs)
     layout = layout or find_blocks(model)
     plan = compile_specs(spec_list, layout)
+    if layout.is_block_diffusion:  # both streams, at every denoising step
+        from persona_lens.core.diffusion.steering import DiffusionSteeringHandle
+
+        return DiffusionSteeringHandle(model, plan, layout).attach()
     return SteeringHandle(model, plan, layout).attach()
 
 

@@ -21,6 +21,8 @@ from persona_lens.core.files import atomic_write
 from persona_lens.core.version import __version__
 
 FORMAT = "persona-lens/1"
+NEAR_ZERO = 1e-6
+"""A row counts as zero below this norm (relative to the vector's largest row, when above 1)."""
 
 
 def check_finite_matrix(tensor: torch.Tensor, what: str = "vector") -> torch.Tensor:
@@ -75,6 +77,12 @@ class PersonaVector:
     def norms(self) -> torch.Tensor:
         """Per-layer L2 norm, shape [L+1]."""
         return self.vectors.norm(dim=-1)
+
+    def near_zero(self, layer: int) -> bool:
+        """Whether row ``layer`` is (nearly) zero: steering with it does nothing and
+        projections onto it are 0 (see :data:`NEAR_ZERO`)."""
+        norms = self.norms()
+        return float(norms[layer]) <= NEAR_ZERO * max(1.0, float(norms.max()))
 
     # --- arithmetic ---------------------------------------------------------------------
     def _derive(self, vectors: torch.Tensor, trait: str | None = None) -> PersonaVector:
@@ -160,7 +168,10 @@ class PersonaVector:
             k.removeprefix("variant."): v for k, v in tensors.items() if k.startswith("variant.")
         }
         trait = metadata.get("trait") or path.stem
-        return cls(tensors["vectors"], trait, metadata, variants)
+        try:
+            return cls(tensors["vectors"], trait, metadata, variants)
+        except VectorError as exc:
+            raise VectorError(f"{path}: {exc}") from exc
 
 
 def check_layer(layer: int, num_layers: int, *, allow_zero: bool = False) -> int:

@@ -178,12 +178,14 @@ def extract(
             progress("rollouts", done, total)
 
     started = time.perf_counter()
+    # a model with several streams (block diffusion) caches each stream's activations apart
+    stream_key = f"{fingerprint}:{layout.stream().name}" if layout.streams else fingerprint
     rollouts = run_rollouts(
         backend,
         trait,
         settings,
         cache_dir,
-        fingerprint=fingerprint,
+        fingerprint=stream_key,
         progress=advance,
     )
     timings["rollouts"] = time.perf_counter() - started
@@ -245,6 +247,7 @@ def extract(
             "held_out_separation": json.dumps([round(float(x), 4) for x in separation]),
             "seed": str(options.seed),
             "library_version": __version__,
+            **({"stream": layout.stream().name} if layout.streams else {}),
         },
         {"prompt_avg": vectors["prompt_avg"], "prompt_last": vectors["prompt_last"]},
     )

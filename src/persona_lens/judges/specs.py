@@ -18,16 +18,17 @@ from persona_lens.judges.base import Judge, JudgeUnavailableError, NoJudge
 JUDGE_KINDS = ("none", "openai", "anthropic", "hf", "offline")
 
 
-def parse_judge_spec(spec: str) -> tuple[str, str]:
-    """``(kind, argument)`` of a judge spec; InputError when malformed."""
+def parse_judge_spec(spec: str, *, allow_none: bool = True) -> tuple[str, str]:
+    """``(kind, argument)`` of a judge spec; InputError when malformed. ``allow_none=False``:
+    for work that needs scores, where ``none`` is refused and not offered."""
     text = (spec or "").strip()
     kind, _, arg = text.partition(":")
     kind = kind.lower()
+    choices = "offline, openai:MODEL, anthropic:MODEL or hf:MODEL_SPEC"
     if kind not in JUDGE_KINDS:
-        raise InputError(
-            f"unknown judge {spec!r}; use none, offline, openai:MODEL, anthropic:MODEL or "
-            "hf:MODEL_SPEC"
-        )
+        raise InputError(f"unknown judge {spec!r}; use {'none, ' if allow_none else ''}{choices}")
+    if kind == "none" and not allow_none:
+        raise InputError(f"this command needs a judge (not 'none'): use {choices}")
     arg = arg.strip()
     if kind == "none" and arg:
         raise InputError(f"judge 'none' takes no argument (got {spec!r})")
@@ -40,10 +41,10 @@ def parse_judge_spec(spec: str) -> tuple[str, str]:
     return kind, arg
 
 
-def load_judge(spec: str, *, check: bool = False) -> Judge:
+def load_judge(spec: str, *, check: bool = False, allow_none: bool = True) -> Judge:
     """A judge for a spec. ``check=True`` also contacts the backend (or loads the offline
     embedder) now, so a misconfiguration fails before any long run starts."""
-    kind, arg = parse_judge_spec(spec)
+    kind, arg = parse_judge_spec(spec, allow_none=allow_none)
     judge: Judge
     if kind == "none":
         judge = NoJudge()

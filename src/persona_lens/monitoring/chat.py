@@ -11,7 +11,10 @@ Meter level: a projection means little on its own (the residual stream has an of
 monitored trait gets a baseline, the response-average projection of a fixed neutral exchange,
 and a scale, the vector's norm at the monitored layer (for a mean-difference vector: the gap
 between trait-eliciting and trait-suppressing responses). ``level = (projection - baseline) /
-scale``: 0 reads as neutral, 1 as one full pos-neg gap towards the trait.
+scale``: 0 reads as neutral, 1 as one full pos-neg gap towards the trait. The unit is
+:data:`UNIT` ("gap"), and it is the only one the chat shows: guard thresholds are given in it
+too (``/guard evil 1`` fires when a reply token reaches one gap above a neutral reply) and
+converted to the raw projection the guard watches (:class:`GuardScale`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,23 +36,35 @@ from persona_lens.core.files import atomic_write_text
 from persona_lens.core.generation import Message, render_chat
 from persona_lens.core.steering import SteeringSpec, compile_specs
 from persona_lens.core.vectors import PersonaVector, check_layer
-from persona_lens.interop.prompts_io import json_safe, parse_layers
+from persona_lens.interop.prompts_io import json_safe, parse_layers, parse_number
 from persona_lens.monitoring.guard import GuardEvent, GuardSpec, generate_guarded, resolve_guards
 
 NEUTRAL_EXCHANGE = ("What is the capital of France?", "The capital of France is Paris.")
 """The exchange whose reply sets each monitored trait's meter baseline."""
+UNIT = "gap"
+"""The unit of meters and guard thresholds: the vector's pos-neg gap, 0 at a neutral reply."""
+UNIT_HELP = (
+    f"meters and guard thresholds are in {UNIT}s: 0 = a neutral reply, "
+    f"1 = the vector's whole pos-neg gap towards the trait"
+)
 
-HELP = """commands:
+HELP = (
+    """commands:
   /steer TRAIT COEF[@LAYER]   steer towards (COEF > 0) or away from (COEF < 0) a trait
   /steer TRAIT off            stop steering one trait; /steer off stops all
   /monitor TRAIT[@LAYER]      show a trait meter after every reply; /monitor off [TRAIT]
-  /guard TRAIT THRESHOLD [COEF]  above THRESHOLD, steer with COEF (default -2) for the rest
-                              of the reply; /guard off [TRAIT]
+  /guard TRAIT THRESHOLD [COEF]  once a reply token is THRESHOLD gaps above a neutral reply,
+                              steer with COEF (default -2) for the rest of the reply;
+                              /guard off [TRAIT]
   /reset                      forget the conversation
   /save FILE                  write the conversation with per-turn projections (JSON)
   /help                       this text
-  /quit                       leave
-TRAIT is a loaded vector's trait name, a vector file, or NAME for VECTOR_DIR/NAME.safetensors."""
+  /quit                       leave (also: Ctrl-D, or Ctrl-C twice; Ctrl-C stops a reply)
+TRAIT is a loaded vector's trait name, a vector file, or NAME for VECTOR_DIR/NAME.safetensors.
+"""
+    + UNIT_HELP
+    + "."
+)
 
 
 @dataclass
@@ -65,8 +80,15 @@ class Turn:
     steering: dict[str, float]
     guard_events: list[GuardEvent] = field(default_factory=list)
     regenerated: bool = False
+    prompt_levels: dict[str, float] = field(default_factory=dict)
+    guard_event_levels: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        levels = self.guard_event_levels or [math.nan] * len(self.guard_events)
+        events = [
+            {**e.to_dict(), "level": level}
+            for e, level in zip(self.guard_events, levels, strict=True)
+        ]
         return {
             "turn": self.index,
             "user": self.user,
@@ -74,8 +96,9 @@ class Turn:
             "projections": self.projections,
             "prompt_projections": self.prompt_projections,
             "levels": self.levels,
+            "prompt_levels": self.prompt_levels,
             "steering": self.steering,
-            "guard_events": [e.to_dict() for e in self.guard_events],
+            "guard_events": events,
             "regenerated": self.regenerated,
         }
 
@@ -89,6 +112,10 @@ class MeterScale:
 
     def level(self, projection: float) -> float:
         return (projection - self.baseline) / self.scale
+
+    def projection(self, level: float) -> float:
+        """The raw projection at ``level`` (the inverse of :meth:`level`)."""
+        return self.baseline + level * self.scale
 
 
 class ChatSession:
@@ -129,8 +156,11 @@ class ChatSession:
         self.monitors: dict[str, Monitor] = {}
         self.scales: dict[str, MeterScale] = {}
         self.guards: dict[str, GuardSpec] = {}
+        self.guard_levels: dict[str, float] = {}  # threshold in gaps, as the user gave it
+        self.guard_scales: dict[str, MeterScale] = {}
         self.history: list[Message] = []
         self.turns: list[Turn] = []
+        self.saved_turns = 0
         self.closed = False
 
     @classmethod
@@ -184,7 +214,15 @@ class ChatSession:
         compile_specs([spec], self.layout)
         self.steering[vector.trait] = spec
         where = "all layers" if layers == "all" else f"layer {self._describe_layers(spec)}"
-        return f"steering {vector.trait}: {coefficient:+g} at {where}"
+        used = range(1, vector.num_layers + 1) if layers == "all" else self._steered_layers(spec)
+        zero = all(vector.near_zero(at) for at in used)
+        note = " (warning: the vector is zero there: it steers nothing)" if zero else ""
+        return f"steering {vector.trait}: {coefficient:+g} at {where}{note}"
+
+    def _steered_layers(self, spec: SteeringSpec) -> list[int]:
+        if spec.layers is None:
+            return [self._layer(spec.vector, None)]
+        return [spec.layers] if isinstance(spec.layers, int) else list(spec.layers)  # type: ignore[arg-type]
 
     def _describe_layers(self, spec: SteeringSpec) -> str:
         if spec.layers is None:
@@ -213,6 +251,11 @@ class ChatSession:
         monitor = Monitor(vector.trait, vector.at(at), at)
         self.monitors[vector.trait] = monitor
         self.scales[vector.trait] = self._meter_scale(monitor, vector)
+        if vector.near_zero(at):
+            return (
+                f"monitoring {vector.trait} at layer {at} (warning: the vector is zero there: "
+                "its projections are all 0)"
+            )
         return f"monitoring {vector.trait} at layer {at}"
 
     def monitor_off(self, ref: str | None = None) -> str:
@@ -226,28 +269,52 @@ class ChatSession:
     def guard(
         self, ref: str, threshold: float, coefficient: float = -2.0, layer: int | None = None
     ) -> str:
-        """Watch a trait per token; above ``threshold`` steer with ``coefficient``."""
+        """Watch a trait per token; once a token is ``threshold`` gaps (:data:`UNIT`) above a
+        neutral reply, steer with ``coefficient``."""
         vector = self.resolve(ref)
-        spec = GuardSpec(vector, threshold, coefficient, monitor_layer=layer, steer_layer=layer)
-        resolved = resolve_guards([spec], self.layout)[0]
-        self.guards[vector.trait] = spec
+        if not math.isfinite(threshold):
+            raise InputError("a guard threshold must be finite")
+        probe = GuardSpec(vector, 0.0, coefficient, monitor_layer=layer, steer_layer=layer)
+        resolved = resolve_guards([probe], self.layout)[0]
+        at = resolved.monitor_layer
+        scale = self._meter_scale(Monitor(vector.trait, vector.at(at), at), vector)
+        raw = scale.projection(threshold)
+        self.guards[vector.trait] = replace(probe, threshold=raw)
+        self.guard_levels[vector.trait] = threshold
+        self.guard_scales[vector.trait] = scale
         return (
-            f"guarding {vector.trait}: above {threshold:g} at layer {resolved.monitor_layer}, "
-            f"steer {coefficient:+g} at layer {resolved.steer_layer} for the rest of the reply"
+            f"guarding {vector.trait}: above {threshold:+g} {UNIT} at layer {at} "
+            f"(raw projection {raw:+.3f}), steer {coefficient:+g} at layer "
+            f"{resolved.steer_layer} for the rest of the reply"
         )
+
+    def guard_level(self, name: str, projection: float) -> float:
+        """A guard's raw projection in gaps (NaN for an unknown guard)."""
+        scale = self.guard_scales.get(name)
+        return scale.level(projection) if scale is not None else math.nan
 
     def guard_off(self, ref: str | None = None) -> str:
         if ref is None:
             self.guards.clear()
+            self.guard_levels.clear()
+            self.guard_scales.clear()
             return "guards: off"
         name = self.resolve(ref).trait
         self.guards.pop(name, None)
+        self.guard_levels.pop(name, None)
+        self.guard_scales.pop(name, None)
         return f"guarding {name}: off"
 
     def reset(self) -> str:
         self.history.clear()
         self.turns.clear()
+        self.saved_turns = 0
         return "conversation cleared"
+
+    @property
+    def unsaved_turns(self) -> int:
+        """Turns since the last ``/save`` (or since the start)."""
+        return len(self.turns) - self.saved_turns
 
     # --- the conversation ---------------------------------------------------------------
     def messages(self, text: str | None = None) -> list[Message]:
@@ -281,18 +348,25 @@ class ChatSession:
         # an empty reply (end-of-sequence first) has no projection: NaN, as generate reports
         found = generation.response_projections
         projections = {name: found.get(name, math.nan) for name in self.monitors}
+        prompt_projections = {
+            name: generation.prompt_projections.get(name, math.nan) for name in self.monitors
+        }
         turn = Turn(
             index=len(self.turns) + 1,
             user=text,
             reply=reply,
             projections=projections,
-            prompt_projections={
-                name: generation.prompt_projections.get(name, math.nan) for name in self.monitors
-            },
+            prompt_projections=prompt_projections,
             levels={k: self.scales[k].level(v) for k, v in projections.items() if k in self.scales},
             steering=self.steering_coefficients(),
             guard_events=list(result.events),
             regenerated=result.regenerated,
+            prompt_levels={
+                k: self.scales[k].level(v)
+                for k, v in prompt_projections.items()
+                if k in self.scales
+            },
+            guard_event_levels=[self.guard_level(e.guard, e.projection) for e in result.events],
         )
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
         self.turns.append(turn)
@@ -312,8 +386,13 @@ class ChatSession:
                 for name, m in self.monitors.items()
             },
             "steering": self.steering_coefficients(),
+            "unit": UNIT,
             "guards": {
-                k: {"threshold": g.threshold, "coefficient": g.coefficient}
+                k: {
+                    "threshold": self.guard_levels.get(k),
+                    "raw_threshold": g.threshold,
+                    "coefficient": g.coefficient,
+                }
                 for k, g in self.guards.items()
             },
             "turns": [t.to_dict() for t in self.turns],
@@ -329,9 +408,11 @@ class ChatSession:
         if path.is_dir():
             raise InputError(f"{path} is a directory")
         try:
-            return atomic_write_text(path, text + "\n")
+            written = atomic_write_text(path, text + "\n", "/save")
         except OSError as exc:
             raise InputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        self.saved_turns = len(self.turns)
+        return written
 
     # --- commands -----------------------------------------------------------------------
     def command(self, line: str) -> str:
@@ -358,7 +439,7 @@ class ChatSession:
             return self.steer_off(ref)
         coef_text, _, layer_text = value.partition("@")
         layers = parse_layers(layer_text, "/steer layer") if layer_text else None
-        return self.steer(ref, _number(coef_text, "/steer coefficient"), layers)
+        return self.steer(ref, parse_number(coef_text, "/steer coefficient"), layers)
 
     def _cmd_monitor(self, args: list[str]) -> str:
         if args and args[0] == "off":
@@ -378,8 +459,8 @@ class ChatSession:
         if len(args) not in (2, 3):
             raise InputError("usage: /guard TRAIT[@LAYER] THRESHOLD [COEF]")
         ref, layer = _split_at(args[0], "/guard")
-        threshold = _number(args[1], "/guard threshold")
-        coefficient = _number(args[2], "/guard coefficient") if len(args) == 3 else -2.0
+        threshold = parse_number(args[1], "/guard threshold")
+        coefficient = parse_number(args[2], "/guard coefficient") if len(args) == 3 else -2.0
         return self.guard(ref, threshold, coefficient, layer)
 
     def _cmd_reset(self, args: list[str]) -> str:
@@ -400,26 +481,32 @@ class ChatSession:
 
     # --- meters -------------------------------------------------------------------------
     def _meter_scale(self, monitor: Monitor, vector: PersonaVector) -> MeterScale:
-        """Baseline: the trait's projection on a neutral reply; scale: the vector's norm."""
-        question, answer = NEUTRAL_EXCHANGE
-        prompt = render_chat(self.tokenizer, [{"role": "user", "content": question}])
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        reply_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([prompt_ids + reply_ids], device=device)
-        response = torch.tensor([[0] * len(prompt_ids) + [1] * len(reply_ids)], device=device)
-        result = capture_forward(
-            self.model,
-            input_ids,
-            torch.ones_like(input_ids),
-            response,
-            layout=self.layout,
-            layers=(),
-            monitors=[monitor],
-        )
-        baseline = result.response_projection(monitor.name)[0]
-        scale = float(vector.at(monitor.layer).norm())
-        return MeterScale(baseline, scale if scale > 0 else 1.0)
+        return meter_scale(self.model, self.tokenizer, self.layout, monitor, vector)
+
+
+def meter_scale(
+    model: nn.Module, tokenizer: Any, layout: BlockLayout, monitor: Monitor, vector: PersonaVector
+) -> MeterScale:
+    """Baseline: the trait's projection on a neutral reply; scale: the vector's norm."""
+    question, answer = NEUTRAL_EXCHANGE
+    prompt = render_chat(tokenizer, [{"role": "user", "content": question}])
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt_ids + reply_ids], device=device)
+    response = torch.tensor([[0] * len(prompt_ids) + [1] * len(reply_ids)], device=device)
+    result = capture_forward(
+        model,
+        input_ids,
+        torch.ones_like(input_ids),
+        response,
+        layout=layout,
+        layers=(),
+        monitors=[monitor],
+    )
+    baseline = result.response_projection(monitor.name)[0]
+    scale = float(vector.at(monitor.layer).norm())
+    return MeterScale(baseline, scale if scale > 0 else 1.0)
 
 
 _COMMANDS = {
@@ -432,16 +519,6 @@ _COMMANDS = {
     "/quit": ChatSession._cmd_quit,
     "/exit": ChatSession._cmd_quit,
 }
-
-
-def _number(text: str, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise InputError(f"{what} {text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise InputError(f"{what} must be finite")
-    return value
 
 
 def _split_at(text: str, what: str) -> tuple[str, int | None]:

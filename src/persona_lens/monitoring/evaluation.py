@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from persona_lens.core.errors import InputError
-from persona_lens.core.files import atomic_write, atomic_write_text
+from persona_lens.core.files import OutputTarget, atomic_write, atomic_write_text, check_output
 from persona_lens.core.generation import PromptLike, generate
 from persona_lens.core.steering import SteeringSpec
 from persona_lens.traits.definitions import TraitDefinition
@@ -296,8 +296,18 @@ def run_conditions(
 
 # --- the eval command's report ----------------------------------------------------------------
 @dataclass
+class ModelResult:
+    """Another version of the model (e.g. a fine-tuned adapter) under the same conditions."""
+
+    name: str
+    baseline: ConditionResult
+    steered: ConditionResult | None = None
+
+
+@dataclass
 class EvalReport:
-    """Baseline (no steering), steered (all --steer specs) and sweep results."""
+    """Baseline (no steering), steered (all --steer specs) and sweep results, and the same
+    baseline/steered conditions for other versions of the model (``models``)."""
 
     trait: str
     baseline: ConditionResult
@@ -306,6 +316,7 @@ class EvalReport:
     sweep_vector: str | None = None
     sweep_layer: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    models: list[ModelResult] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         samples = []
@@ -318,6 +329,12 @@ class EvalReport:
                     continue
                 seen.add(id(s))
                 samples.append({"condition": result.condition.name, **s.__dict__})
+        for model in self.models:
+            for result in (model.baseline, *([model.steered] if model.steered else [])):
+                samples += [
+                    {"model": model.name, "condition": result.condition.name, **s.__dict__}
+                    for s in result.samples
+                ]
         return {
             "trait": self.trait,
             **self.metadata,
@@ -332,6 +349,14 @@ class EvalReport:
                 if self.sweep
                 else None
             ),
+            "models": [
+                {
+                    "name": m.name,
+                    "baseline": m.baseline.summary(),
+                    "steered": m.steered.summary() if m.steered else None,
+                }
+                for m in self.models
+            ],
             "samples": samples,
         }
 
@@ -347,6 +372,19 @@ class EvalReport:
         ]
         for result in [self.baseline, *([self.steered] if self.steered else [])]:
             lines.append(_row(result.condition.name, result))
+        if self.models:
+            lines += [
+                "",
+                "## Models",
+                "",
+                "| model | condition | trait score | coherence | n | refusals |",
+                "|---|---|---|---|---|---|",
+            ]
+            rows = [("base", self.baseline, self.steered)]
+            rows += [(m.name, m.baseline, m.steered) for m in self.models]
+            for name, baseline, steered in rows:
+                for result in (baseline, *([steered] if steered else [])):
+                    lines.append(f"| {name} " + _row(result.condition.name, result))
         if self.sweep:
             lines += [
                 "",
@@ -482,15 +520,15 @@ def parse_coefficients(text: str) -> list[float]:
 
 
 def write_eval(report: EvalReport, out: Path) -> list[Path]:
-    """Write ``out`` (JSON), ``<stem>.md`` and, with a sweep, ``<stem>.sweep.png``."""
+    """Write ``out`` (JSON), ``<stem>.md`` and, with a sweep, ``<stem>.sweep.png``; into a
+    stream (``-``, a FIFO), the JSON alone."""
     import json
 
     from persona_lens.interop.prompts_io import json_safe
 
-    if out.is_dir():
-        raise InputError(f"--out {out} is a directory; give a .json file")
-    if out.suffix in (".md", ".png"):
-        raise InputError(f"--out {out}: give a .json file (the .md and .png go beside it)")
+    text = json.dumps(json_safe(report.to_json()), indent=2, ensure_ascii=False, allow_nan=False)
+    if check_eval_output(out).stream:  # stdout or a FIFO: the JSON alone
+        return [atomic_write_text(out, text + "\n", "--out")]
     stem = out.with_suffix("") if out.suffix else out
     written = []
     png = None
@@ -498,6 +536,19 @@ def write_eval(report: EvalReport, out: Path) -> list[Path]:
         png = report.plot_sweep(Path(f"{stem}.sweep.png"))
         written.append(png)
     md = atomic_write_text(Path(f"{stem}.md"), report.markdown(png))
-    text = json.dumps(json_safe(report.to_json()), indent=2, ensure_ascii=False, allow_nan=False)
     written += [md, atomic_write_text(out, text + "\n")]
     return written
+
+
+def check_eval_output(out: Path) -> OutputTarget:
+    """Check ``--out`` and the ``.md``/``.png`` files beside it before any work (InputError).
+    A stream (``-``, a FIFO) gets the JSON alone."""
+    target = check_output(out, "--out")
+    if target.stream:
+        return target
+    if out.suffix in (".md", ".png"):
+        raise InputError(f"--out {out}: give a .json file (the .md and .png go beside it)")
+    stem = out.with_suffix("") if out.suffix else out
+    for beside in (Path(f"{stem}.md"), Path(f"{stem}.sweep.png")):
+        check_output(beside, "--out")
+    return target

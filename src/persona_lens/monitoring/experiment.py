@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from persona_lens.judges.base import Judge
 
 Progress = Callable[[str, int, int], None]
+OUTPUT_FILES = ("monitoring.json", "monitoring.md", "monitoring.png")
+"""What :func:`write_experiment` writes into its folder."""
 LADDER = "ladder"
 MANY_SHOT = "many_shot"
 
@@ -406,6 +408,8 @@ def run_experiment(
     if progress:
         progress("judging", 0, 1)
     scores = judge_items(judge, trait, items)
+    if progress:
+        progress("judging", 1, 1)
     points = []
     for index, (condition, level, label, question) in enumerate(keys):
         mine = [j for j, i in enumerate(rows) if i == index]

@@ -36,9 +36,9 @@ from persona_lens.core.generation import (
     PromptLike,
     eos_token_ids,
     generate,
-    render_chat,
-    to_messages,
+    render_prompt,
 )
+from persona_lens.core.ownership import ModelClaim, claim_model, release_model
 from persona_lens.core.positions import read_forward_inputs
 from persona_lens.core.steering import SteeringSpec
 from persona_lens.core.vectors import PersonaVector, check_layer
@@ -116,6 +116,12 @@ def resolve_guards(guards: Iterable[GuardSpec], layout: BlockLayout) -> list[Res
     """Validate guards against the model (raises InputError/LayerError/VectorMismatchError)."""
     resolved: list[ResolvedGuard] = []
     names: list[str] = []
+    guards = list(guards)
+    if guards and layout.is_block_diffusion:
+        raise InputError(
+            "guards do not apply to block-diffusion decoding: a guard acts on each token as it "
+            f"is generated, and this model commits {layout.canvas_length} tokens at a time"
+        )
     for spec in guards:
         if not isinstance(spec, GuardSpec) or not isinstance(spec.vector, PersonaVector):
             raise InputError("a guard needs a GuardSpec with a PersonaVector")
@@ -170,6 +176,7 @@ class _GuardState:
         return self._cache[key]
 
     def monitor_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        self.handle.check_owner()
         valid = self.handle.valid
         if valid is None or self.first_index is None or self.first_value is None:
             return None  # a prompt forward, or nothing started
@@ -190,6 +197,7 @@ class _GuardState:
         return None
 
     def steer_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        self.handle.check_owner()
         if self.handle.valid is None or not self.guard.steers:
             return None
         return with_block_hidden(output, self.steered(block_hidden(output)))
@@ -242,6 +250,7 @@ class GuardHandle:
         self._fresh = True
         self._done: list[GuardEvent] = []
         self._handles: list[RemovableHandle] = []
+        self._claim: ModelClaim | None = None
 
     @property
     def active(self) -> bool:
@@ -259,6 +268,7 @@ class GuardHandle:
     def attach(self) -> GuardHandle:
         if self.active:
             return self
+        self._claim = claim_model(self.model)  # one owner per model
         self._handles.append(
             self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
         )
@@ -276,6 +286,9 @@ class GuardHandle:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._claim is not None:
+            self._claim = None
+            release_model(self.model)
 
     def __enter__(self) -> GuardHandle:
         return self.attach()
@@ -286,7 +299,15 @@ class GuardHandle:
     def _current_events(self) -> list[GuardEvent]:
         return [e for s in self.states for e in s.events(self._rows, self.attempt)]
 
+    def check_owner(self) -> None:
+        """Refuse a forward from a thread that does not hold the model (one owner per model)."""
+        if self._claim is not None:
+            self._claim.check()
+
     def _on_forward(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        self.check_owner()
+        if not self.states:
+            return  # nothing to watch (e.g. a chat turn without guards)
         inputs = read_forward_inputs(args, kwargs)
         ids = inputs.input_ids
         if ids is None:
@@ -346,7 +367,7 @@ def prompt_matcher(
     rendered tokens it holds (identical prompts are taken in order, as ``generate`` does)."""
     table: dict[tuple[int, ...], list[int]] = {}
     for index, prompt in enumerate(prompts):
-        text = render_chat(tokenizer, to_messages(prompt, system))
+        text = render_prompt(tokenizer, prompt, system)
         ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
         table.setdefault(ids, []).append(index)
 

@@ -1,9 +1,18 @@
 """Per-token view: a self-contained HTML page colouring each generated token by its projection.
 
-Blue is negative, white zero, red positive; each trait has its own scale (the 98th percentile
-of its absolute values over the page, so one outlier token does not wash out the rest). A
-selector switches the trait; hovering a token shows its value. Everything is inline (CSS, JS,
-data): the page works offline and loads nothing.
+Blue is below the colour centre, white at it, red above; each trait has its own centre and
+scale (the 98th percentile of the distance from the centre over the page, so one outlier token
+does not wash out the rest). The centre (:data:`CENTRES`):
+
+- ``zero``: 0, so the sign of a projection is its colour;
+- ``reply``: each reply's own mean projection, so the tokens of a reply contrast with each
+  other even when every value is large (with steering on, all projections may share a sign);
+- ``auto`` (the default): ``reply`` for a trait whose values all share a sign, else ``zero``;
+- a *baseline*: the mean token projection of an unsteered run (another generations file), so
+  colour shows how far steering moved each token.
+
+A selector switches the trait; hovering a token shows its value. Everything is inline (CSS,
+JS, data): the page works offline and loads nothing.
 
 Input records are the output of ``persona generate --token-projections``: ``tokens`` (decoded
 token strings), ``token_projections`` ({trait: [one float per token]}), ``response`` and the
@@ -22,6 +31,7 @@ from typing import Any
 from persona_lens.core.errors import InputError
 from persona_lens.core.files import atomic_write_text
 
+CENTRES = ("auto", "zero", "reply")
 NEGATIVE = (33, 102, 172)  # blue
 POSITIVE = (178, 24, 43)  # red
 MISSING = "#e8e8e8"
@@ -45,14 +55,70 @@ def text_colour(value: float | None, scale: float) -> str:
     return "#fff" if abs(value) / scale > 0.6 else "#111"
 
 
-def trait_scales(sections: Sequence[Mapping[str, Sequence[float | None]]]) -> dict[str, float]:
-    """Per trait: the 98th percentile of |value| over every section (1.0 when all zero)."""
-    values: dict[str, list[float]] = {}
+Sections = Sequence[Mapping[str, Sequence[float | None]]]
+
+
+def _finite(values: Sequence[float | None]) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def trait_centres(
+    sections: Sections, centre: str = "auto", baseline: Mapping[str, float] | None = None
+) -> tuple[list[dict[str, float]], dict[str, str]]:
+    """The colour centre of every trait in every section, and per trait what it is (for the
+    legend). ``baseline`` (trait: value) wins for the traits it holds; see :data:`CENTRES`."""
+    if centre not in CENTRES:
+        raise InputError(f"unknown centre {centre!r}; choose one of {', '.join(CENTRES)}")
+    traits: list[str] = []
     for projections in sections:
+        traits += [t for t in projections if t not in traits]
+    modes: dict[str, str] = {}
+    for trait in traits:
+        values = [v for p in sections for v in _finite(p.get(trait, []))]
+        one_sign = bool(values) and (all(v > 0 for v in values) or all(v < 0 for v in values))
+        if baseline is not None and trait in baseline:
+            modes[trait] = "baseline"
+        elif centre == "auto":
+            modes[trait] = "reply" if one_sign else "zero"
+        else:
+            modes[trait] = centre
+    centres = []
+    for projections in sections:
+        mine = {}
+        for trait in traits:
+            mode = modes[trait]
+            if mode == "baseline" and baseline is not None:
+                mine[trait] = float(baseline[trait])
+            elif mode == "reply":
+                mine[trait] = _mean(_finite(projections.get(trait, [])))
+            else:
+                mine[trait] = 0.0
+        centres.append(mine)
+    described = {
+        t: {
+            "zero": "0",
+            "reply": "each reply's mean",
+            "baseline": f"the baseline {baseline[t]:+.4g}" if baseline and t in baseline else "",
+        }[modes[t]]
+        for t in traits
+    }
+    return centres, described
+
+
+def trait_scales(
+    sections: Sections, centres: Sequence[Mapping[str, float]] | None = None
+) -> dict[str, float]:
+    """Per trait: the 98th percentile of |value - centre| over every section (default centre
+    0; 1.0 when all values sit on it)."""
+    values: dict[str, list[float]] = {}
+    for index, projections in enumerate(sections):
         for trait, vals in projections.items():
-            values.setdefault(trait, []).extend(
-                abs(v) for v in vals if v is not None and math.isfinite(v)
-            )
+            at = centres[index].get(trait, 0.0) if centres is not None else 0.0
+            values.setdefault(trait, []).extend(abs(v - at) for v in _finite(vals))
     scales = {}
     for trait, vals in values.items():
         vals.sort()
@@ -90,8 +156,7 @@ _JS = """
   var toks = document.querySelectorAll('.tok');
   function show(i){
     var trait = data.traits[i];
-    document.getElementById('scale').textContent =
-      'full colour at \u00b1' + data.scales[i].toPrecision(3);
+    document.getElementById('scale').textContent = data.legends[i];
     for (var k = 0; k < toks.length; k++){
       var c = toks[k].getAttribute('data-c').split('|')[i].split(',');
       toks[k].style.background = c[0];
@@ -141,6 +206,16 @@ def _aligned(values: Sequence[Any] | None, n: int) -> list[float | None]:
     return out + [None] * (n - len(out))
 
 
+def _shifted(value: float | None, centre: float) -> float | None:
+    return None if value is None else value - centre
+
+
+def _hover_text(value: float | None, centre: float) -> str:
+    if value is None or not math.isfinite(value) or centre == 0:
+        return _value_text(value)
+    return f"{_value_text(value)} ({value - centre:+.4f} from the colour centre)"
+
+
 def _section(
     index: int,
     title: str,
@@ -149,17 +224,19 @@ def _section(
     projections: Mapping[str, Sequence[Any]],
     traits: Sequence[str],
     scales: Mapping[str, float],
+    centres: Mapping[str, float],
 ) -> str:
     aligned = {t: _aligned(projections.get(t), len(tokens)) for t in traits}
     spans = []
     for position, token in enumerate(tokens):
         vals = [aligned[t][position] for t in traits]
+        shifted = [_shifted(v, centres[t]) for v, t in zip(vals, traits, strict=True)]
         colours = "|".join(
             f"{colour(v, scales[t])},{text_colour(v, scales[t])}"
-            for v, t in zip(vals, traits, strict=True)
+            for v, t in zip(shifted, traits, strict=True)
         )
-        values = "|".join(_value_text(v) for v in vals)
-        first, scale = vals[0], scales[traits[0]]
+        values = "|".join(_hover_text(v, centres[t]) for v, t in zip(vals, traits, strict=True))
+        first, scale = shifted[0], scales[traits[0]]
         style = f"background:{colour(first, scale)};color:{text_colour(first, scale)}"
         spans.append(
             f'<span class="tok" style="{style}" data-c="{colours}" '
@@ -183,25 +260,28 @@ def _section(
 def _page(
     title: str,
     sections: Sequence[tuple[str, str | None, Sequence[str], Mapping[str, Sequence[Any]]]],
+    centre: str = "auto",
+    baseline: Mapping[str, float] | None = None,
 ) -> str:
     traits: list[str] = []
     for _, _, _, projections in sections:
         traits += [t for t in projections if t not in traits]
     if not traits:
         raise InputError("no token projections to show")
-    scales = trait_scales(
-        [{t: _aligned(p.get(t), len(tok)) for t in p} for _, _, tok, p in sections]
-    )
+    values = [{t: _aligned(p.get(t), len(tok)) for t in p} for _, _, tok, p in sections]
+    centres, described = trait_centres(values, centre, baseline)
+    scales = trait_scales(values, centres)
     for t in traits:
         scales.setdefault(t, 1.0)
     body = [
-        _section(i, name, prompt, tokens, projections, traits, scales)
+        _section(i, name, prompt, tokens, projections, traits, scales, centres[i])
         for i, (name, prompt, tokens, projections) in enumerate(sections)
     ]
     options = "".join(f"<option>{html.escape(t)}</option>" for t in traits)
-    data = json.dumps({"traits": traits, "scales": [scales[t] for t in traits]})
+    legends = [f"centre {described[t]}; full colour at \u00b1{scales[t]:.3g}" for t in traits]
+    data = json.dumps({"traits": traits, "scales": [scales[t] for t in traits], "legends": legends})
     data = data.replace("</", "<\\/")
-    first_scale = f"full colour at \u00b1{scales[traits[0]]:.3g}"
+    first_scale = html.escape(legends[0])
     return "\n".join(
         [
             "<!DOCTYPE html>",
@@ -211,7 +291,7 @@ def _page(
             f"<style>{_CSS}</style></head><body>",
             f"<header><h1>{html.escape(title)}</h1>",
             '<label>trait <select id="trait">' + options + "</select></label>",
-            '<div class="legend"><span>negative</span><span class="bar"></span><span>positive'
+            '<div class="legend"><span>below</span><span class="bar"></span><span>above'
             f'</span><span id="scale">{first_scale}</span></div></header>',
             *body,
             '<div id="tip"></div>',
@@ -228,9 +308,11 @@ def render_token_html(
     projections: dict[str, list[float]],
     title: str = "persona-lens token view",
     prompt: str | None = None,
+    centre: str = "auto",
+    baseline: Mapping[str, float] | None = None,
 ) -> str:
     """One response's tokens coloured by projection, one selectable trait at a time."""
-    return _page(title, [(title, prompt, tokens, projections)])
+    return _page(title, [(title, prompt, tokens, projections)], centre, baseline)
 
 
 def prompt_text(record: Mapping[str, Any]) -> str | None:
@@ -271,15 +353,32 @@ def write_token_views(
     records: Sequence[Mapping[str, Any]],
     path: str | Path,
     title: str = "persona-lens token view",
+    centre: str = "auto",
+    baseline: Mapping[str, float] | None = None,
 ) -> Path:
-    """One HTML page showing every record's tokens (atomic write); returns the path."""
+    """One HTML page showing every record's tokens (atomic write); returns the path.
+    ``centre`` and ``baseline`` place each trait's colour centre (module docstring)."""
     if not records:
         raise InputError("no records to show")
     sections = []
     for number, record in enumerate(records, start=1):
         tokens, projections = _check_record(record, number)
         sections.append((f"#{number}", prompt_text(record), tokens, projections))
-    return atomic_write_text(path, _page(title, sections))
+    return atomic_write_text(path, _page(title, sections, centre, baseline), "--out")
+
+
+def baseline_means(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Per trait, the mean token projection over every record (an unsteered run's records
+    give the ``baseline`` colour centre)."""
+    values: dict[str, list[float]] = {}
+    for number, record in enumerate(records, start=1):
+        _, projections = _check_record(record, number)
+        for trait, vals in projections.items():
+            values.setdefault(trait, []).extend(_finite(_aligned(vals, len(vals))))
+    means = {t: _mean(v) for t, v in values.items() if v}
+    if not means:
+        raise InputError("the baseline holds no token projections")
+    return means
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
