@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from persona_lens.core.architecture import input_device
+from persona_lens.core.architecture import find_blocks, input_device
 from persona_lens.core.ownership import owning
 
 BatchingMode = Literal["padded", "equal-length", "single"]
@@ -54,7 +54,12 @@ def batching_mode(model: nn.Module, pad_token_id: int | None = None) -> Batching
     cached = _MODES.get(model)
     if cached is not None and cached[0] == dtype:
         return cached[1]  # type: ignore[return-value]
-    mode = probe_batching(model, pad_token_id)
+    if find_blocks(model).is_block_diffusion:
+        # not probed: its sampler has no greedy mode; its forward-mode capture reads the
+        # encoder, an attention stack that masks left padding (the diffusion family tests)
+        mode: BatchingMode = "padded"
+    else:
+        mode = probe_batching(model, pad_token_id)
     _MODES[model] = (dtype, mode)
     return mode
 
