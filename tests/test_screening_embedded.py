@@ -96,10 +96,10 @@ def screened(embedded_model: LoadedModel, extracted_vectors: dict[str, Path]) ->
     return {"scores": ordered, "summary": result.summary}
 
 
-# Open finding (measured on the merged tree, quick budget of the fidelity issue with its
-# no-judge layer rule): sycophantic AUROC 0.678 against a random-direction maximum of 0.687,
-# optimistic 0.776 (both twin win rates >= 0.97); evil passes. Left visible as xfail, not
-# hidden; the screening issue stays open until the vectors or the margin are fixed.
+# Open finding, measured on the merged tree: sycophantic AUROC 0.678 against a random-direction
+# maximum of 0.687, optimistic 0.776 (above its controls' 0.741, below MIN_AUROC); evil passes.
+# Cause not isolated: the quick budget and its no-judge layer rule changed with the fidelity
+# issue. Left visible as xfail; the screening issue stays open until this is fixed.
 _WEAK = pytest.mark.xfail(reason="open finding: AUROC below MIN_AUROC with quick no-judge vectors")
 RANKED_TRAITS = [pytest.param(t, marks=_WEAK) if t != "evil" else t for t in SYNTHETIC_TRAITS]
 
