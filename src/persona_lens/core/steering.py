@@ -218,15 +218,14 @@ class SteeringHandle:
             return self
         self._claim = claim_model(self.model)
         try:
-            needs_positions = any(op.positions != "all" for ops in self.plan.values() for op in ops)
-            if needs_positions:
-                self.tracker = PositionTracker()
-                self.tracker.attach(self.model)
+            self._attach_positions()
             for layer, ops in sorted(self.plan.items()):
-                block = self.layout.blocks[layer - 1]
-                # prepend: steering runs before any capture hook, which sees the steered stream
-                hook = block.register_forward_hook(self._make_hook(ops, self._claim), prepend=True)
-                self._handles.append(hook)
+                for block in self._steered_blocks(layer):
+                    # prepend: steering runs before any capture hook, which sees the steered stream
+                    hook = block.register_forward_hook(
+                        self._make_hook(ops, self._claim), prepend=True
+                    )
+                    self._handles.append(hook)
         except BaseException:
             self.remove()
             raise
@@ -236,9 +235,7 @@ class SteeringHandle:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self.tracker is not None:
-            self.tracker.detach()
-            self.tracker = None
+        self._detach_positions()
         if self._claim is not None:
             self._claim = None
             release_model(self.model)
@@ -258,6 +255,21 @@ class SteeringHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+    def _attach_positions(self) -> None:
+        """Track token positions when an op needs them (``prompt``/``generated``)."""
+        if any(op.positions != "all" for ops in self.plan.values() for op in ops):
+            self.tracker = PositionTracker()
+            self.tracker.attach(self.model)
+
+    def _detach_positions(self) -> None:
+        if self.tracker is not None:
+            self.tracker.detach()
+            self.tracker = None
+
+    def _steered_blocks(self, layer: int) -> list[nn.Module]:
+        """The block(s) whose output position ``layer`` is: one per stream."""
+        return [self.layout.blocks[layer - 1]]
 
     def _make_hook(self, ops: list[_LayerOp], claim: ModelClaim) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:

@@ -24,7 +24,7 @@ from torch import nn
 
 from persona_lens.core.architecture import BlockLayout, block_hidden, with_block_hidden
 from persona_lens.core.diffusion.phases import PhaseTracker
-from persona_lens.core.ownership import ModelClaim, claim_model
+from persona_lens.core.ownership import ModelClaim
 from persona_lens.core.steering import SteeringHandle
 
 
@@ -35,28 +35,14 @@ class DiffusionSteeringHandle(SteeringHandle):
         super().__init__(model, plan, layout)
         self.phases = PhaseTracker(layout)
 
-    def attach(self) -> DiffusionSteeringHandle:
-        if self.active or not self.plan:
-            return self
-        self._claim = claim_model(self.model)  # one owner per model, as for any handle
-        try:
-            self.phases.attach()
-            for stream in self.layout.streams:
-                for layer, ops in sorted(self.plan.items()):
-                    block = stream.blocks[layer - 1]
-                    # prepend: steering runs before any capture hook, which sees the steered stream
-                    hook = block.register_forward_hook(
-                        self._make_hook(ops, self._claim), prepend=True
-                    )
-                    self._handles.append(hook)
-        except BaseException:
-            self.remove()
-            raise
-        return self
+    def _attach_positions(self) -> None:
+        self.phases.attach()  # positions are phases of the model's forwards, for every op
 
-    def remove(self) -> None:
-        super().remove()
+    def _detach_positions(self) -> None:
         self.phases.detach()
+
+    def _steered_blocks(self, layer: int) -> list[nn.Module]:
+        return [stream.blocks[layer - 1] for stream in self.layout.streams]
 
     def reset_positions(self, prompt_length: int | None = None) -> None:
         """Nothing to reset: each forward's phase is read from the model's cache."""
