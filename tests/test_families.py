@@ -19,6 +19,7 @@ from persona_lens.core.capture import (
 from persona_lens.core.steering import SteeringSpec, steer
 from persona_lens.core.vectors import PersonaVector
 from tests import zoo
+from tests.matrix import assert_generation_capture_equals_forward
 from tests.model_hooks import hook_ids
 
 PROMPT_LEN = 7
@@ -292,23 +293,8 @@ def test_capture_during_generation_equals_forward(family: tuple[str, nn.Module])
             use_cache=True,
         )
     during = capture.result()
-    prompt_len = ids.shape[1]
-    full = sequences[:, : prompt_len + NEW_TOKENS]
-    full_mask = torch.cat([mask, torch.ones_like(mask[:, :NEW_TOKENS])], dim=1)
-    response = torch.zeros_like(full, dtype=torch.bool)
-    response[:, prompt_len:] = True
-    after = capture_forward(model, full, full_mask, response, layout=layout, monitors=[monitor])
-    assert during.response_counts is not None
-    assert during.response_counts.tolist() == [NEW_TOKENS] * len(ids)
-    for key in ("response_mean", "prompt_mean", "prompt_last"):
-        torch.testing.assert_close(
-            getattr(during, key), getattr(after, key), rtol=1e-4, atol=1e-4, msg=f"{name} {key}"
-        )
-    torch.testing.assert_close(
-        torch.tensor(during.token_projections["m"]),
-        torch.tensor(after.token_projections["m"]),
-        rtol=1e-4,
-        atol=1e-4,
+    assert_generation_capture_equals_forward(
+        model, layout, monitor, during, sequences, mask, ids.shape[1], NEW_TOKENS, name
     )
 
 

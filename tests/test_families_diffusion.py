@@ -22,6 +22,7 @@ from persona_lens.core.diffusion.generation import encode_last_canvas
 from persona_lens.core.steering import SteeringSpec, steer
 from persona_lens.core.vectors import PersonaVector
 from tests import zoo
+from tests.matrix import assert_generation_capture_equals_forward
 from tests.model_hooks import hook_ids
 
 PROMPT_LEN = 7
@@ -299,22 +300,8 @@ def test_capture_during_generation_equals_forward(family: tuple[str, nn.Module])
         out = _generate(model, ids, mask)
         encode_last_canvas(layout, out.sequences, out.cache, mask)
     during = capture.result()
-    full = out.sequences[:, : PROMPT_LEN + NEW_TOKENS]
-    full_mask = torch.cat([mask, torch.ones_like(full[:, PROMPT_LEN:])], dim=1)
-    response = torch.zeros_like(full, dtype=torch.bool)
-    response[:, PROMPT_LEN:] = True
-    after = capture_forward(model, full, full_mask, response, layout=layout, monitors=[monitor])
-    assert during.response_counts is not None
-    assert during.response_counts.tolist() == [NEW_TOKENS] * len(ids)
-    for key in ("response_mean", "prompt_mean", "prompt_last"):
-        torch.testing.assert_close(
-            getattr(during, key), getattr(after, key), rtol=1e-4, atol=1e-4, msg=f"{name} {key}"
-        )
-    torch.testing.assert_close(
-        torch.tensor(during.token_projections["m"]),
-        torch.tensor(after.token_projections["m"]),
-        rtol=1e-4,
-        atol=1e-4,
+    assert_generation_capture_equals_forward(
+        model, layout, monitor, during, out.sequences, mask, PROMPT_LEN, NEW_TOKENS, name
     )
     series = during.denoising_projections["m"]
     steps = model.generation_config.max_denoising_steps
