@@ -1,17 +1,23 @@
-"""Does an extracted vector steer? Measured with a sentiment lexicon nobody here wrote.
+"""Does an extracted vector steer? Measured on questions no extraction sees.
 
 For each vector file (or a fresh ``persona extract`` run with ``--extract TRAIT``), the embedded
-model answers held-out questions that no extraction ever sees (``tests/data/
-held_out_questions.txt``), greedy, no system prompt, unsteered and steered at every
+model answers held-out questions, greedy, no system prompt, unsteered and steered at every
 (layer, coefficient) of a grid: all conditions in one batched ``generate`` call, each block of
-rows with its own per-row coefficients. Each answer gets VADER's compound sentiment
-(vaderSentiment, -1..1); the table gives the change of the mean against the unsteered
-answers, so +2 should raise it and -2 lower it for ``optimistic``.
+rows with its own per-row coefficients. The table gives the change of the mean score against
+the unsteered answers, so +2 should raise it and -2 lower it. Two measures (``--measure``):
+
+- ``sentiment`` (for ``optimistic``): VADER's compound sentiment (vaderSentiment from PyPI,
+  -1..1, written by nobody here, used nowhere in the pipeline) on ``tests/data/
+  held_out_questions.txt``;
+- ``judge`` (any trait): the offline judge's trait score (0..100) *before* any fit, so it
+  depends on the trait's system prompts only, never on an extraction's rollouts, on the
+  trait's evaluation questions 11-20 (the quick and standard sweeps use the first 4 and 10).
 
 Usage::
 
     python benchmarks/fidelity.py vectors/optimistic.safetensors [--layers 8,12,16,20,24]
     python benchmarks/fidelity.py --extract optimistic --seed 1 [--budget quick] [--judge offline]
+    python benchmarks/fidelity.py vectors/evil.safetensors --measure judge
     ... [--section NAME]   # also write the table into RESULTS.md
 """
 
@@ -22,7 +28,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from _common import ROOT, command_line, machine_lines, md_table, write_section
@@ -32,7 +38,33 @@ from persona_lens.core.generation import generate
 from persona_lens.core.models import LoadedModel, load_model
 from persona_lens.core.steering import SteeringSpec
 from persona_lens.core.vectors import PersonaVector
+from persona_lens.judges.base import JudgeItem
+from persona_lens.judges.specs import load_judge
+from persona_lens.traits.definitions import load_trait
 from tests.sentiment import block_means, held_out_questions, sentiment
+
+Measure = Callable[[Sequence[str], Sequence[str]], list[float]]
+"""Scores answers (questions, answers) -> one number each."""
+
+HELD_OUT_EVALUATION = slice(10, 20)  # evaluation questions no quick/standard sweep uses
+
+
+def judge_measure(trait: str) -> Measure:
+    """The offline judge's trait score before any fit (prior from the trait's system prompts)."""
+    definition = load_trait(trait)
+
+    def measure(questions: Sequence[str], answers: Sequence[str]) -> list[float]:
+        judge = load_judge("offline")  # fresh: never fit on an extraction's rollouts
+        items = [JudgeItem(q, a) for q, a in zip(questions, answers, strict=True)]
+        scores = judge.score_trait(definition, items)
+        return [50.0 if s.score is None else s.score for s in scores]  # None: refused
+
+    return measure
+
+
+def sentiment_measure(questions: Sequence[str], answers: Sequence[str]) -> list[float]:
+    """VADER compound sentiment of each answer."""
+    return sentiment(answers)
 
 
 def steering_grid(
@@ -42,10 +74,11 @@ def steering_grid(
     coefficients: Sequence[float],
     questions: Sequence[str],
     *,
+    measure: Measure = sentiment_measure,
     max_new_tokens: int = 48,
     batch_size: int = 64,
 ) -> tuple[float, dict[tuple[int, float], float], dict[tuple[int, float], list[str]]]:
-    """Unsteered mean sentiment, and the change of the mean at each (layer, coefficient)."""
+    """Unsteered mean score, and the change of the mean at each (layer, coefficient)."""
     conditions = [(layer, coef) for layer in layers for coef in coefficients]
     block = len(questions)
     prompts = [q for _ in range(len(conditions) + 1) for q in questions]  # block 0: unsteered
@@ -62,7 +95,7 @@ def steering_grid(
         steering=specs,
         layout=loaded.layout,
     )
-    scores = sentiment([a.response for a in answers])
+    scores = measure(prompts, [a.response for a in answers])
     means = block_means(scores, block)
     effects = {c: means[i + 1] - means[0] for i, c in enumerate(conditions)}
     texts = {
@@ -97,7 +130,8 @@ def main() -> None:
     parser.add_argument("--extract-batch-size", type=int, default=40)
     parser.add_argument("--layers", default="8,12,16,20,24")
     parser.add_argument("--coefficients", default="-4,-2,2,4")
-    parser.add_argument("--questions", type=int, default=12)
+    parser.add_argument("--measure", choices=("sentiment", "judge"), default="sentiment")
+    parser.add_argument("--questions", type=int, default=12, help="sentiment questions used")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--section", help="write the tables into this RESULTS.md section")
@@ -113,21 +147,30 @@ def main() -> None:
         seconds["extract"] = time.perf_counter() - started
     layers = [int(x) for x in args.layers.split(",")]
     coefficients = [float(x) for x in args.coefficients.split(",")]
-    questions = held_out_questions(args.questions)
-    body = [
-        "### Fidelity: steering measured by VADER sentiment",
-        "",
-        f"- command: `{command_line()}`",
-    ]
+    title = "VADER sentiment" if args.measure == "sentiment" else "the offline judge (unfit)"
+    body = [f"### Fidelity: steering measured by {title}", "", f"- command: `{command_line()}`"]
     body += machine_lines(loaded.device)
-    body.append(
-        f"- {len(questions)} held-out questions, greedy, no system prompt, "
-        f"{args.max_new_tokens} new tokens; cells: change of mean VADER compound (-1..1) "
-        "against the unsteered answers"
-    )
+    if args.measure == "sentiment":
+        body.append(
+            f"- the first {args.questions} held-out questions (tests/data/held_out_questions.txt), "
+            f"greedy, no system prompt, {args.max_new_tokens} new tokens; cells: change of mean "
+            "VADER compound (-1..1) against the unsteered answers"
+        )
+    else:
+        body.append(
+            "- each trait's evaluation questions 11-20 (no quick or standard sweep uses them), "
+            f"greedy, no system prompt, {args.max_new_tokens} new tokens; cells: change of the "
+            "mean offline-judge trait score (0..100, the judge's prior: never fit on rollouts) "
+            "against the unsteered answers"
+        )
     record = {}
     for path in paths:
         vector = PersonaVector.load(path)
+        measure: Measure = sentiment_measure
+        questions = held_out_questions(args.questions)
+        if args.measure == "judge":
+            measure = judge_measure(vector.trait)
+            questions = list(load_trait(vector.trait).evaluation_questions[HELD_OUT_EVALUATION])
         if vector.best_layer is not None and vector.best_layer not in layers:
             layers_here = sorted([*layers, vector.best_layer])
         else:
@@ -139,6 +182,7 @@ def main() -> None:
             layers_here,
             coefficients,
             questions,
+            measure=measure,
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
         )

@@ -224,7 +224,15 @@ def test_sweep_counts_both_directions(
     result = extract(tiny, trait, options, cache_dir=tmp_path)
     assert result.sweep[layers[0]].plus == 90.0 and result.sweep[layers[0]].minus == 85.0
     assert result.vector.best_layer == layers[1]
-    assert "minus at -4" in result.layer_criterion
+    assert "minus at -2" in result.layer_criterion  # a judge sweeps at +-2
+
+
+def test_sweep_coefficient_depends_on_who_reads() -> None:
+    """The measured defaults: +-2 when a judge scores the sweep, +-4 when the model re-reads
+    its own answers; an explicit coefficient wins."""
+    assert ExtractionOptions().sweep_coefficient() == 2.0
+    assert ExtractionOptions(judge="none").sweep_coefficient() == 4.0
+    assert ExtractionOptions(judge="none", steer_coefficient=3.0).sweep_coefficient() == 3.0
 
 
 def test_separation_rule_still_available(

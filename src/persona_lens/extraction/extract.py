@@ -86,12 +86,29 @@ class ExtractionOptions:
     batch_size: int = 40
     min_coherence: float = 50.0
     threshold: float = 50.0
-    steer_coefficient: float = 4.0
+    # the sweep's +-c; None: JUDGED_SWEEP_COEFFICIENT with a judge, SELF_READ_SWEEP_COEFFICIENT
+    # without one (each the value measured to agree best with held-out steering)
+    steer_coefficient: float | None = None
     layer_rule: str = "sweep"  # sweep (steer +c/-c, judged or self-read) | separation
     backend: str = (
         "hf"  # who samples the rollouts: hf | vllm (see persona_lens.extraction.backends)
     )
     backend_options: dict[str, Any] = field(default_factory=dict)
+
+    def sweep_coefficient(self) -> float:
+        """The coefficient the steering sweep steers each candidate layer with (+c and -c)."""
+        if self.steer_coefficient is not None:
+            return self.steer_coefficient
+        return SELF_READ_SWEEP_COEFFICIENT if self.judge == "none" else JUDGED_SWEEP_COEFFICIENT
+
+
+# Sweep coefficients, measured against steering at +-2 on held-out questions (benchmarks/
+# RESULTS.md, "Layer choice against held-out steering"): with the offline judge, c = 2 chose
+# a layer within 10% of the best in 6 of 9 trait x seed runs (median 100%), c = 4 in 2 of 9
+# (median 72%): at 4 the judged score saturates near 100 at several layers. Without a judge
+# (the model re-reads its steered answers), c = 4 was measured (93% of the best for optimistic).
+JUDGED_SWEEP_COEFFICIENT = 2.0
+SELF_READ_SWEEP_COEFFICIENT = 4.0
 
 
 @dataclass
@@ -220,7 +237,7 @@ def extract(
         )
         usable = {k: v for k, v in sweep.items() if v.coherence >= options.min_coherence} or sweep
         best_layer = max(usable, key=lambda k: usable[k].effect)
-        c = options.steer_coefficient
+        c = options.sweep_coefficient()
         criterion = (
             f"steering sweep {reader}: largest trait score at +{c:g} minus at -{c:g}, "
             f"both coherent (>= {options.min_coherence:g})"
@@ -406,7 +423,7 @@ def steering_sweep(
     specs = []
     for layer in candidates:
         coefficients = [
-            conditions[row // len(questions)][1] * options.steer_coefficient
+            conditions[row // len(questions)][1] * options.sweep_coefficient()
             if conditions[row // len(questions)][0] == layer
             else 0.0
             for row in range(len(prompts))
