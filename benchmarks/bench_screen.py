@@ -15,11 +15,13 @@ Parts (``--parts``, default ``throughput,ray,memory``):
   last finished shard).
 - ``memory``: peak RSS of ``screen()`` in a fresh process on 10k and 200k rows with the tiny
   random model (``random:tiny``), response mode: it must not grow with the row count.
-- ``seeds``: on the embedded model, vectors from ``persona extract TRAIT --budget quick
-  --judge none --seed S`` for each seed (reused from ``--vector-dir`` when there), then one
-  diff-mode run per trait over its Normal, I and II versions with every seed's vector and 10
-  random directions of the same norm: AUROC of ΔP (II vs Normal), the twin win rate, and the
-  dataset-level mean ΔP per version. The embedded acceptance test's margin comes from here.
+- ``seeds``: on the embedded model, vectors from ``persona extract TRAIT --seed S`` (the
+  defaults: quick budget, offline judge) for each seed (reused from ``--vector-dir`` when
+  there), then one diff-mode run per trait over its Normal, I and II versions with every seed's
+  vector and 10 random directions of the same norm: AUROC of ΔP (II vs Normal), the twin win
+  rate, and the dataset-level mean ΔP per version; also the AUROC of each seed's vector read at
+  each of ``--auroc-layers`` instead of its own layer. The embedded acceptance test's margin
+  comes from here.
 
 Usage: ``python benchmarks/bench_screen.py [--model embedded] [--parts ...] [--repeats 3]``.
 Writes ``screen ...`` sections of RESULTS.md.
@@ -523,12 +525,14 @@ def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
             path = vector_dir / f"s{seed}" / f"{trait}.safetensors"
             if not path.is_file():
                 print(f"extracting {trait} seed {seed}", file=sys.stderr, flush=True)
-                options = ExtractionOptions(budget="quick", judge="none", seed=seed)
+                options = ExtractionOptions(seed=seed)  # the defaults: quick, offline judge
                 extract(
                     loaded, load_trait(trait), options, cache_dir=vector_dir / ".cache"
                 ).vector.save(path)
             vectors[(trait, seed)] = PersonaVector.load(path)
-    table, spread = [], []
+    table: list[list[Any]] = []
+    spread: list[list[Any]] = []
+    by_layer: list[list[Any]] = []
     for trait in SYNTHETIC_TRAITS:
         records = []
         for version in SYNTHETIC_VERSIONS:
@@ -545,6 +549,11 @@ def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
         named = [
             PersonaVector(v.vectors, f"seed{s}", dict(v.metadata))
             for v, s in zip(chosen, args.seeds, strict=True)
+        ]
+        named += [  # the same vectors read at fixed layers
+            PersonaVector(v.vectors, f"seed{s}@{layer}", {**v.metadata, "best_layer": str(layer)})
+            for v, s in zip(chosen, args.seeds, strict=True)
+            for layer in args.auroc_layers
         ]
         start = time.perf_counter()
         result = screen(
@@ -591,6 +600,14 @@ def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
         control = [
             auroc(scores["ii"][f"random{k}"], scores["normal"][f"random{k}"]) for k in range(10)
         ]
+        at_layers = [
+            statistics.mean(
+                auroc(scores["ii"][f"seed{s}@{layer}"], scores["normal"][f"seed{s}@{layer}"])
+                for s in args.seeds
+            )
+            for layer in args.auroc_layers
+        ]
+        by_layer.append([trait, *(f"{a:.3f}" for a in at_layers)])
         spread.append(
             [
                 trait,
@@ -608,7 +625,7 @@ def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
             "",
             f"- command: `{command_line()}`",
             *machine_lines(loaded.device),
-            f"- vectors: `persona extract TRAIT --budget quick --judge none --seed S`, S in "
+            f"- vectors: `persona extract TRAIT --seed S` (defaults: quick, offline judge), S in "
             f"{', '.join(map(str, args.seeds))}; screening: diff mode, y' greedy of at most "
             f"{args.max_new_tokens} tokens, the first {args.questions} questions of each version "
             f"(the embedded test uses the first {args.ci_questions})",
@@ -640,6 +657,11 @@ def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
                 ],
                 spread,
             ),
+            "",
+            "AUROC II vs Normal (mean over the seeds) with each seed's vector read at a fixed "
+            "layer instead of its own best layer:",
+            "",
+            md_table(["trait", *(f"layer {layer}" for layer in args.auroc_layers)], by_layer),
         ]
     )
 
@@ -663,6 +685,9 @@ def main() -> None:
         "--vector-dir", default=str(Path(tempfile.gettempdir()) / "persona-screen-seeds")
     )
     parser.add_argument("--questions", type=int, default=160)
+    parser.add_argument(
+        "--auroc-layers", type=lambda s: [int(x) for x in s.split(",")], default=[6, 10, 15, 20, 24]
+    )
     parser.add_argument("--ci-questions", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
     parser.add_argument("--device", default=None)

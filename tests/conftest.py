@@ -18,6 +18,30 @@ def embedded_model() -> LoadedModel:
     return load_model("embedded")
 
 
+@pytest.fixture(scope="session")
+def default_vector(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``default_vector(trait)`` -> the file ``persona extract TRAIT --out DIR`` writes with
+    every default (embedded model, quick budget, offline judge, seed 0): what a new user gets.
+    Each trait is extracted once per session and shared by the embedded tests that read it."""
+    from typer.testing import CliRunner
+
+    from persona_lens.cli import app
+
+    out = tmp_path_factory.mktemp("default-vectors")
+    done: dict[str, Path] = {}
+
+    def vector(trait: str) -> Path:
+        if trait not in done:
+            result = CliRunner().invoke(app, ["extract", trait, "--out", str(out)])
+            assert result.exit_code == 0, result.output
+            path = Path(result.stdout.strip().splitlines()[-1])
+            assert path == out / f"{trait}.safetensors", result.stdout
+            done[trait] = path
+        return done[trait]
+
+    return vector
+
+
 _SAVED = pytest.StashKey[list[str]]()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -50,15 +51,9 @@ def optimism_score(text: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def extracted(tmp_path_factory: pytest.TempPathFactory, embedded_model: LoadedModel) -> Path:
-    out = tmp_path_factory.mktemp("vectors")
-    result = CliRunner().invoke(
-        app, ["extract", "optimistic", "--budget", "quick", "--judge", "offline", "--out", str(out)]
-    )
-    assert result.exit_code == 0, result.output
-    path = Path(result.stdout.strip().splitlines()[-1])
-    assert path == out / "optimistic.safetensors"
-    return path
+def extracted(default_vector: Callable[[str], Path]) -> Path:
+    """``persona extract optimistic`` with the defaults (quick budget, offline judge)."""
+    return default_vector("optimistic")
 
 
 def test_vector_file_and_report(extracted: Path) -> None:

@@ -1,14 +1,17 @@
 """Extraction that steers, checked by a measure nobody here wrote (VADER sentiment) on held-out
 questions no extraction sees, against random directions with matched norms.
 
-One default ``quick`` extraction of ``optimistic`` (offline judge); then one batched greedy
+One default extraction of ``optimistic`` (``persona extract optimistic``: quick budget, offline
+judge; shared with the other embedded tests, see conftest.py); then one batched greedy
 ``generate`` call holds every condition: each random control direction at +2 at the chosen
 layer, unsteered, and the vector at +2 and -2 at the chosen layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -16,8 +19,6 @@ from persona_lens.core.generation import generate
 from persona_lens.core.models import LoadedModel
 from persona_lens.core.steering import SteeringSpec
 from persona_lens.core.vectors import PersonaVector
-from persona_lens.extraction.extract import ExtractionOptions, extract
-from persona_lens.traits.definitions import load_trait
 from tests.controls import CONTROLS, control_bar, per_row_steering, random_directions
 from tests.sentiment import block_means, held_out_questions, sentiment
 
@@ -29,10 +30,8 @@ COEFFICIENT = 2.0
 
 
 @pytest.fixture(scope="module")
-def vector(tmp_path_factory: pytest.TempPathFactory, embedded_model: LoadedModel) -> PersonaVector:
-    cache = tmp_path_factory.mktemp("rollouts")
-    result = extract(embedded_model, load_trait("optimistic"), ExtractionOptions(), cache_dir=cache)
-    return result.vector
+def vector(default_vector: Callable[[str], Path]) -> PersonaVector:
+    return PersonaVector.load(default_vector("optimistic"))
 
 
 @pytest.fixture(scope="module")

