@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -526,7 +527,15 @@ def endless(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _spawn(args: list[str], cwd: Path) -> pexpect.spawn:
     env = {**ENV, "COLUMNS": "120", "TERM": "xterm"}
     return pexpect.spawn(
-        sys.executable, ["-c", ENTRY, *args], cwd=str(cwd), env=env, encoding="utf-8", timeout=120
+        sys.executable,
+        ["-c", ENTRY, *args],
+        cwd=str(cwd),
+        env=env,
+        encoding="utf-8",
+        timeout=120,
+        # a terminal's Ctrl-C reaches the child even when this run was started in the
+        # background, where SIGINT is inherited as ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

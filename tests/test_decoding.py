@@ -4,6 +4,7 @@ with every hook removed, and steering that breaks the model raises an error nami
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,20 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     return load_tiny(tmp_path_factory.mktemp("tiny"), seed=3, num_layers=2)
 
 
+@pytest.fixture
+def interactive_sigint() -> Iterator[None]:
+    """Ctrl-C as a terminal delivers it, even when the test run itself was started in the
+    background (where SIGINT is inherited as ignored, and the library leaves it so)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _hook_count(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+@pytest.mark.usefixtures("interactive_sigint")
 def test_ctrl_c_stops_at_the_next_step_and_removes_hooks(tiny: Tiny) -> None:
     loaded = tiny[0]
     before = _hook_count(loaded.model)
@@ -52,6 +63,7 @@ def test_ctrl_c_stops_at_the_next_step_and_removes_hooks(tiny: Tiny) -> None:
     assert len(again.response_ids) <= 3  # the flag does not leak into the next call
 
 
+@pytest.mark.usefixtures("interactive_sigint")
 def test_second_ctrl_c_raises_at_once() -> None:
     with pytest.raises(KeyboardInterrupt), stop_on_interrupt():
         signal.raise_signal(signal.SIGINT)  # sets the flag
