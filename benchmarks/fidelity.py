@@ -67,6 +67,13 @@ def sentiment_measure(questions: Sequence[str], answers: Sequence[str]) -> list[
     return sentiment(answers)
 
 
+def held_out_setup(kind: str, trait: str, sentiment_questions: int) -> tuple[Measure, list[str]]:
+    """The measure and the held-out questions of ``--measure KIND`` for a trait's vector."""
+    if kind == "sentiment":
+        return sentiment_measure, held_out_questions(sentiment_questions)
+    return judge_measure(trait), list(load_trait(trait).evaluation_questions[HELD_OUT_EVALUATION])
+
+
 def steering_grid(
     loaded: LoadedModel,
     vector: PersonaVector,
@@ -166,11 +173,7 @@ def main() -> None:
     record = {}
     for path in paths:
         vector = PersonaVector.load(path)
-        measure: Measure = sentiment_measure
-        questions = held_out_questions(args.questions)
-        if args.measure == "judge":
-            measure = judge_measure(vector.trait)
-            questions = list(load_trait(vector.trait).evaluation_questions[HELD_OUT_EVALUATION])
+        measure, questions = held_out_setup(args.measure, vector.trait, args.questions)
         if vector.best_layer is not None and vector.best_layer not in layers:
             layers_here = sorted([*layers, vector.best_layer])
         else:

@@ -33,20 +33,13 @@ from typing import Any
 
 import torch
 from _common import ROOT, command_line, machine_lines, md_table, write_section
-from fidelity import (
-    HELD_OUT_EVALUATION,
-    Measure,
-    judge_measure,
-    sentiment_measure,
-    steering_grid,
-)
+from fidelity import held_out_setup, steering_grid
 
 sys.path.insert(0, str(ROOT))
 from persona_lens.core.models import LoadedModel, load_model
 from persona_lens.core.vectors import PersonaVector
 from persona_lens.extraction import extract as extraction
 from persona_lens.traits.definitions import load_trait
-from tests.sentiment import held_out_questions
 
 COEFFICIENT = 2.0  # what the held-out grid steers with (a user's typical coefficient)
 DEFAULT = (
@@ -80,12 +73,8 @@ def held_out_grid(loaded: LoadedModel, path: Path, layers: list[int]) -> dict[st
     if cache.is_file():
         return dict(json.loads(cache.read_text()))
     vector = PersonaVector.load(path)
-    if vector.trait == "optimistic":
-        measure: Measure = sentiment_measure
-        questions = held_out_questions(12)
-    else:
-        measure = judge_measure(vector.trait)
-        questions = list(load_trait(vector.trait).evaluation_questions[HELD_OUT_EVALUATION])
+    kind = "sentiment" if vector.trait == "optimistic" else "judge"
+    measure, questions = held_out_setup(kind, vector.trait, 12)
     base, effects, _ = steering_grid(
         loaded,
         vector,
@@ -148,7 +137,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = parse_variants(args.variants)
     layers = extraction.candidate_layers(loaded.layout.num_layers, 5)
-    rows, shares = [], {name: [] for name in variants}  # type: ignore[var-annotated]
+    rows: list[list[Any]] = []
+    shares: dict[str, list[float]] = {name: [] for name in variants}
     cosines: dict[tuple[str, str], list[float]] = {}
     for trait in traits:
         chosen_by: dict[str, dict[int, int]] = {name: {} for name in variants}

@@ -420,13 +420,13 @@ def steering_sweep(
     conditions = [(layer, sign) for layer in candidates for sign in (1.0, -1.0)]
     prompts = [q for _ in conditions for q in questions]
     vector = PersonaVector(vectors, trait.name)
+    c = options.sweep_coefficient()
     specs = []
     for layer in candidates:
         coefficients = [
-            conditions[row // len(questions)][1] * options.sweep_coefficient()
-            if conditions[row // len(questions)][0] == layer
-            else 0.0
-            for row in range(len(prompts))
+            sign * c if row_layer == layer else 0.0
+            for row_layer, sign in conditions
+            for _ in questions
         ]
         specs.append(SteeringSpec(vector, coefficients, layer))
     answers = generate(
