@@ -11,7 +11,9 @@ the unsteered answers, so +2 should raise it and -2 lower it. Two measures (``--
   held_out_questions.txt``;
 - ``judge`` (any trait): the offline judge's trait score (0..100) *before* any fit, so it
   depends on the trait's system prompts only, never on an extraction's rollouts, on the
-  trait's evaluation questions 11-20 (the quick and standard sweeps use the first 4 and 10).
+  trait's evaluation questions 11-20 (the quick and standard sweeps use the first 4 and 10),
+  then, past 10 questions, its extraction questions 11-20 (quick and standard extract from the
+  first 10; only the paper budget uses them).
 
 Usage::
 
@@ -29,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from _common import ROOT, command_line, machine_lines, md_table, write_section
@@ -46,7 +49,7 @@ from tests.sentiment import block_means, held_out_questions, sentiment
 Measure = Callable[[Sequence[str], Sequence[str]], list[float]]
 """Scores answers (questions, answers) -> one number each."""
 
-HELD_OUT_EVALUATION = slice(10, 20)  # evaluation questions no quick/standard sweep uses
+HELD_OUT = slice(10, 20)  # evaluation and extraction questions no quick/standard run uses
 
 
 def judge_measure(trait: str) -> Measure:
@@ -67,11 +70,24 @@ def sentiment_measure(questions: Sequence[str], answers: Sequence[str]) -> list[
     return sentiment(answers)
 
 
-def held_out_setup(kind: str, trait: str, sentiment_questions: int) -> tuple[Measure, list[str]]:
-    """The measure and the held-out questions of ``--measure KIND`` for a trait's vector."""
+def held_out_setup(kind: str, trait: str, questions: int) -> tuple[Measure, list[str]]:
+    """The measure and the first ``questions`` held-out questions of ``--measure KIND``."""
     if kind == "sentiment":
-        return sentiment_measure, held_out_questions(sentiment_questions)
-    return judge_measure(trait), list(load_trait(trait).evaluation_questions[HELD_OUT_EVALUATION])
+        return sentiment_measure, held_out_questions(questions)
+    definition = load_trait(trait)
+    pool = [*definition.evaluation_questions[HELD_OUT], *definition.extraction_questions[HELD_OUT]]
+    return judge_measure(trait), pool[:questions]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A steering grid's result: the unsteered mean, and per (layer, coefficient) the change of
+    the mean against it, each row's score (in question order) and the answers."""
+
+    unsteered: float
+    effects: dict[tuple[int, float], float]
+    scores: dict[tuple[int, float] | None, list[float]]  # None: the unsteered rows
+    texts: dict[tuple[int, float], list[str]]
 
 
 def steering_grid(
@@ -84,8 +100,8 @@ def steering_grid(
     measure: Measure = sentiment_measure,
     max_new_tokens: int = 48,
     batch_size: int = 64,
-) -> tuple[float, dict[tuple[int, float], float], dict[tuple[int, float], list[str]]]:
-    """Unsteered mean score, and the change of the mean at each (layer, coefficient)."""
+) -> Grid:
+    """Unsteered and steered answers at each (layer, coefficient), scored by ``measure``."""
     conditions = [(layer, coef) for layer in layers for coef in coefficients]
     block = len(questions)
     prompts = [q for _ in range(len(conditions) + 1) for q in questions]  # block 0: unsteered
@@ -109,7 +125,9 @@ def steering_grid(
         c: [a.response for a in answers[(i + 1) * block : (i + 2) * block]]
         for i, c in enumerate(conditions)
     }
-    return means[0], effects, texts
+    rows: dict[tuple[int, float] | None, list[float]] = {None: scores[:block]}
+    rows.update({c: scores[(i + 1) * block : (i + 2) * block] for i, c in enumerate(conditions)})
+    return Grid(means[0], effects, rows, texts)
 
 
 def _extract(args: argparse.Namespace) -> Path:
@@ -138,7 +156,9 @@ def main() -> None:
     parser.add_argument("--layers", default="8,12,16,20,24")
     parser.add_argument("--coefficients", default="-4,-2,2,4")
     parser.add_argument("--measure", choices=("sentiment", "judge"), default="sentiment")
-    parser.add_argument("--questions", type=int, default=12, help="sentiment questions used")
+    parser.add_argument(
+        "--questions", type=int, help="held-out questions used (default: 12 sentiment, 10 judge)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--section", help="write the tables into this RESULTS.md section")
@@ -154,18 +174,20 @@ def main() -> None:
         seconds["extract"] = time.perf_counter() - started
     layers = [int(x) for x in args.layers.split(",")]
     coefficients = [float(x) for x in args.coefficients.split(",")]
+    count = args.questions or (12 if args.measure == "sentiment" else 10)
     title = "VADER sentiment" if args.measure == "sentiment" else "the offline judge (unfit)"
     body = [f"### Fidelity: steering measured by {title}", "", f"- command: `{command_line()}`"]
     body += machine_lines(loaded.device)
     if args.measure == "sentiment":
         body.append(
-            f"- the first {args.questions} held-out questions (tests/data/held_out_questions.txt), "
+            f"- the first {count} held-out questions (tests/data/held_out_questions.txt), "
             f"greedy, no system prompt, {args.max_new_tokens} new tokens; cells: change of mean "
             "VADER compound (-1..1) against the unsteered answers"
         )
     else:
         body.append(
-            "- each trait's evaluation questions 11-20 (no quick or standard sweep uses them), "
+            f"- {count} held-out questions per trait (evaluation 11-20, then extraction 11-20; "
+            "no quick or standard run uses them), "
             f"greedy, no system prompt, {args.max_new_tokens} new tokens; cells: change of the "
             "mean offline-judge trait score (0..100, the judge's prior: never fit on rollouts) "
             "against the unsteered answers"
@@ -173,13 +195,13 @@ def main() -> None:
     record = {}
     for path in paths:
         vector = PersonaVector.load(path)
-        measure, questions = held_out_setup(args.measure, vector.trait, args.questions)
+        measure, questions = held_out_setup(args.measure, vector.trait, count)
         if vector.best_layer is not None and vector.best_layer not in layers:
             layers_here = sorted([*layers, vector.best_layer])
         else:
             layers_here = layers
         started = time.perf_counter()
-        base, effects, texts = steering_grid(
+        grid = steering_grid(
             loaded,
             vector,
             layers_here,
@@ -190,6 +212,7 @@ def main() -> None:
             batch_size=args.batch_size,
         )
         seconds["grid"] = time.perf_counter() - started
+        base, effects, texts = grid.unsteered, grid.effects, grid.texts
         norms = vector.norms()
         rows = [
             [

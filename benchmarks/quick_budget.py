@@ -1,14 +1,18 @@
 """The quick budget's trade-off: how many rollouts until two seeds agree.
 
-Samples one pool of rollouts per seed (trait ``optimistic``, every instruction pair, the
-hf backend, no judge), then takes nested subsets (the first Q extraction questions and the
-first S samples of each) and reports the cosine of the two seeds' mean-difference vectors,
-per rollout count: the median over layer positions 1..L and the value at each candidate
-steering layer. It also reports, per instruction pair and side, the mean VADER sentiment of the
-rollouts (does each negative prompt elicit the opposite of the trait?).
+Samples one pool of rollouts per seed (every instruction pair, the hf backend), then takes
+nested subsets (the first Q extraction questions and the first S samples of each) and reports
+the cosine of two seeds' mean-difference vectors, per rollout count: the median over layer
+positions 1..L and the value at each candidate steering layer (with three or more seeds, the
+median over every pair of seeds). ``--judge offline`` filters each subset the way extraction
+does (cross-fitted offline judge; keep coherent positives above 50 and negatives below)
+before the mean difference; ``--judge none`` keeps every rollout. It also reports, per
+instruction pair and side, the mean VADER sentiment of the rollouts (does each negative
+prompt elicit the opposite of the trait?).
 
-Usage: ``python benchmarks/quick_budget.py [--questions 8] [--samples 3] [--max-new-tokens 32]
-[--cache DIR] [--section NAME]``. The pool is cached in ``--cache`` (rerun to resume).
+Usage: ``python benchmarks/quick_budget.py [--trait optimistic] [--questions 8] [--samples 3]
+[--max-new-tokens 32] [--seeds 2] [--judge none] [--cache DIR] [--section NAME]``. The pool is
+cached in ``--cache`` (rerun to resume).
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from _common import ROOT, command_line, machine_lines, md_table, write_section
 
 from persona_lens.core.models import load_model
 from persona_lens.extraction.backends import load_backend
-from persona_lens.extraction.extract import candidate_layers
+from persona_lens.extraction.extract import candidate_layers, filter_rollouts, score_rollouts
 from persona_lens.extraction.rollouts import Rollout, RolloutSettings, run_rollouts
+from persona_lens.judges.specs import load_judge
 from persona_lens.traits.definitions import load_trait
 
 sys.path.insert(0, str(ROOT))
@@ -52,9 +57,9 @@ def main() -> None:
         "--seeds",
         type=int,
         default=2,
-        choices=(1, 2),
         help="1: one pool only, agreement of disjoint halves of it (samples, then questions)",
     )
+    parser.add_argument("--judge", default="none", help="none | offline: filter each subset")
     parser.add_argument("--section", help="write the tables into this RESULTS.md section")
     args = parser.parse_args()
 
@@ -80,25 +85,44 @@ def main() -> None:
 
     layers = candidate_layers(loaded.layout.num_layers, 5)
     pairs = len(trait.instructions)
+    judge = None if args.judge == "none" else load_judge(args.judge)
     rows = []
 
-    def row(label: str, count: int, a: list[Rollout], b: list[Rollout]) -> None:
-        first, second = mean_difference(a), mean_difference(b)
-        cos = torch.nn.functional.cosine_similarity(first[1:], second[1:], dim=-1)
+    def kept(rollouts: list[Rollout]) -> list[Rollout]:
+        """The rollouts extraction would average: all of them, or the judge-filtered ones."""
+        if judge is None:
+            return rollouts
+        scored = score_rollouts(judge, trait, rollouts)
+        filter_rollouts(scored, 50.0, 50.0, judged=True)
+        return [s.rollout for s in scored if s.kept]
+
+    def row(label: str, count: int, *groups: list[Rollout]) -> None:
+        vectors = [mean_difference(kept(g))[1:] for g in groups]
+        cos = (
+            torch.stack(
+                [
+                    torch.nn.functional.cosine_similarity(a, b, dim=-1)
+                    for a, b in itertools.combinations(vectors, 2)
+                ]
+            )
+            .median(0)
+            .values
+        )
         rows.append(
             [str(count), label, f"{cos.median():.3f}", *(f"{cos[k - 1]:.3f}" for k in layers)]
         )
         print(rows[-1], flush=True)
 
-    if args.seeds == 2:
+    if args.seeds >= 2:
+        compared = "seed 0 vs 1" if args.seeds == 2 else f"median of the {args.seeds} seeds' pairs"
         for questions in sorted({max(1, args.questions // 2), args.questions}):
             for samples in range(1, args.samples + 1):
                 subsets = [
                     [r for r in pools[k] if r.item.question < questions and r.item.sample < samples]
-                    for k in (0, 1)
+                    for k in range(args.seeds)
                 ]
                 count = 2 * pairs * questions * samples
-                row(f"seed 0 vs 1, {questions} questions x {samples} samples", count, *subsets)
+                row(f"{compared}, {questions} questions x {samples} samples", count, *subsets)
     else:
         pool = pools[0]
         for a, b in itertools.combinations(range(args.samples), 2):
@@ -134,12 +158,15 @@ def main() -> None:
     }
 
     body = [
-        "### Quick budget: agreement of independent vectors by rollout count",
+        "### Quick budget: agreement of independent vectors by rollout count"
+        + ("" if judge is None else f" ({args.trait}, {args.judge} judge)"),
         "",
         f"- command: `{command_line()}`",
         *machine_lines(loaded.device),
         f"- trait `{args.trait}`, every instruction pair, hf backend, temperature 1.0, at most "
-        f"{args.max_new_tokens} new tokens, no judge (all rollouts); nested subsets of one "
+        f"{args.max_new_tokens} new tokens, "
+        + ("no judge (all rollouts)" if judge is None else f"filtered by the {args.judge} judge")
+        + "; nested subsets of one "
         f"pool per seed of {len(pools[0])} rollouts (batch {args.batch_size}); "
         + ", ".join(
             f"seed {k}: " + ("read from the cache" if v < 5 else f"generated in {v:.0f} s")

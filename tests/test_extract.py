@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -233,6 +233,11 @@ def test_sweep_coefficient_depends_on_who_reads() -> None:
     assert ExtractionOptions().sweep_coefficient() == 2.0
     assert ExtractionOptions(judge="none").sweep_coefficient() == 4.0
     assert ExtractionOptions(judge="none", steer_coefficient=3.0).sweep_coefficient() == 3.0
+
+
+def test_sweep_answers_share_the_rollouts_cap_unless_set() -> None:
+    assert SMALL.sweep_tokens == SMALL.max_new_tokens
+    assert replace(SMALL, sweep_new_tokens=5).sweep_tokens == 5
 
 
 def test_separation_rule_still_available(

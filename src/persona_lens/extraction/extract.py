@@ -50,12 +50,22 @@ class ExtractionError(PersonaLensError):
 
 @dataclass(frozen=True)
 class Budget:
+    """Counts only: instruction pairs, extraction questions, samples per question and side,
+    the rollouts' token cap, the sweep's questions and candidate layers (0: every layer), and
+    the sweep answers' token cap (None: the rollouts')."""
+
     pairs: int
     questions: int
     samples: int
     max_new_tokens: int
     eval_questions: int
     candidate_layers: int
+    sweep_new_tokens: int | None = None
+
+    @property
+    def sweep_tokens(self) -> int:
+        """How many tokens each steered answer of the layer sweep may have."""
+        return self.sweep_new_tokens or self.max_new_tokens
 
 
 BUDGETS: dict[str, Budget] = {
@@ -433,7 +443,7 @@ def steering_sweep(
         loaded.model,
         loaded.tokenizer,
         prompts,
-        max_new_tokens=budget.max_new_tokens,
+        max_new_tokens=budget.sweep_tokens,
         batch_size=len(prompts),
         steering=specs,
         layout=loaded.layout,
