@@ -71,7 +71,9 @@ class Budget:
 BUDGETS: dict[str, Budget] = {
     # quick: 240 short rollouts rather than 80 longer ones. Two seeds' vectors agree in
     # proportion to the rollout count far more than to their length (benchmarks/RESULTS.md,
-    # "quick budget trade-off").
+    # "quick budget trade-off"). 300 rollouts were measured too (RESULTS.md, "Layer choice"
+    # notes): seeds agree better (evil 0.86 against 0.64), but the default sycophantic and
+    # optimistic vectors then screen no better than random directions on the CI subset.
     "quick": Budget(
         pairs=5, questions=8, samples=3, max_new_tokens=32, eval_questions=4, candidate_layers=5
     ),
