@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -44,7 +45,7 @@ from persona_lens.core.vectors import PersonaVector
 from persona_lens.judges.base import JudgeItem
 from persona_lens.judges.specs import load_judge
 from persona_lens.traits.definitions import load_trait
-from tests.sentiment import block_means, held_out_questions, sentiment
+from tests.sentiment import held_out_questions, sentiment
 
 Measure = Callable[[Sequence[str], Sequence[str]], list[float]]
 """Scores answers (questions, answers) -> one number each."""
@@ -81,13 +82,22 @@ def held_out_setup(kind: str, trait: str, questions: int) -> tuple[Measure, list
 
 @dataclass(frozen=True)
 class Grid:
-    """A steering grid's result: the unsteered mean, and per (layer, coefficient) the change of
-    the mean against it, each row's score (in question order) and the answers."""
+    """A steering grid's result: per condition (layer, coefficient), or None for the unsteered
+    rows, each answer's score in question order; and the steered answers."""
 
-    unsteered: float
-    effects: dict[tuple[int, float], float]
-    scores: dict[tuple[int, float] | None, list[float]]  # None: the unsteered rows
+    scores: dict[tuple[int, float] | None, list[float]]
     texts: dict[tuple[int, float], list[str]]
+
+    @property
+    def unsteered(self) -> float:
+        """The unsteered answers' mean score."""
+        return statistics.mean(self.scores[None])
+
+    @property
+    def effects(self) -> dict[tuple[int, float], float]:
+        """Per condition, the change of the mean score against the unsteered answers."""
+        base = self.unsteered
+        return {c: statistics.mean(v) - base for c, v in self.scores.items() if c is not None}
 
 
 def steering_grid(
@@ -119,15 +129,14 @@ def steering_grid(
         layout=loaded.layout,
     )
     scores = measure(prompts, [a.response for a in answers])
-    means = block_means(scores, block)
-    effects = {c: means[i + 1] - means[0] for i, c in enumerate(conditions)}
+    keys: list[tuple[int, float] | None] = [None, *conditions]  # block i holds keys[i]
+    rows = {key: scores[i * block : (i + 1) * block] for i, key in enumerate(keys)}
     texts = {
-        c: [a.response for a in answers[(i + 1) * block : (i + 2) * block]]
-        for i, c in enumerate(conditions)
+        c: [a.response for a in answers[i * block : (i + 1) * block]]
+        for i, c in enumerate(keys)
+        if c is not None
     }
-    rows: dict[tuple[int, float] | None, list[float]] = {None: scores[:block]}
-    rows.update({c: scores[(i + 1) * block : (i + 2) * block] for i, c in enumerate(conditions)})
-    return Grid(means[0], effects, rows, texts)
+    return Grid(rows, texts)
 
 
 def _extract(args: argparse.Namespace) -> Path:

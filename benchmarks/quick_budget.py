@@ -5,10 +5,10 @@ nested subsets (the first Q extraction questions and the first S samples of each
 the cosine of two seeds' mean-difference vectors, per rollout count: the median over layer
 positions 1..L and the value at each candidate steering layer (with three or more seeds, the
 median over every pair of seeds). ``--judge offline`` filters each subset the way extraction
-does (cross-fitted offline judge; keep coherent positives above 50 and negatives below)
-before the mean difference; ``--judge none`` keeps every rollout. It also reports, per
-instruction pair and side, the mean VADER sentiment of the rollouts (does each negative
-prompt elicit the opposite of the trait?).
+does (cross-fitted judge, extraction's default thresholds: coherent positives above 50,
+negatives below) before the mean difference; ``--judge none`` keeps every rollout. It also
+reports, per instruction pair and side, the mean VADER sentiment of the rollouts (does each
+negative prompt elicit the opposite of the trait?).
 
 Usage: ``python benchmarks/quick_budget.py [--trait optimistic] [--questions 8] [--samples 3]
 [--max-new-tokens 32] [--seeds 2] [--judge none] [--cache DIR] [--section NAME]``. The pool is
@@ -30,7 +30,12 @@ from _common import ROOT, command_line, machine_lines, md_table, write_section
 
 from persona_lens.core.models import load_model
 from persona_lens.extraction.backends import load_backend
-from persona_lens.extraction.extract import candidate_layers, filter_rollouts, score_rollouts
+from persona_lens.extraction.extract import (
+    ExtractionOptions,
+    candidate_layers,
+    filter_rollouts,
+    score_rollouts,
+)
 from persona_lens.extraction.rollouts import Rollout, RolloutSettings, run_rollouts
 from persona_lens.judges.specs import load_judge
 from persona_lens.traits.definitions import load_trait
@@ -86,6 +91,7 @@ def main() -> None:
     layers = candidate_layers(loaded.layout.num_layers, 5)
     pairs = len(trait.instructions)
     judge = None if args.judge == "none" else load_judge(args.judge)
+    defaults = ExtractionOptions()  # extraction's filter thresholds
     rows = []
 
     def kept(rollouts: list[Rollout]) -> list[Rollout]:
@@ -93,7 +99,7 @@ def main() -> None:
         if judge is None:
             return rollouts
         scored = score_rollouts(judge, trait, rollouts)
-        filter_rollouts(scored, 50.0, 50.0, judged=True)
+        filter_rollouts(scored, defaults.threshold, defaults.min_coherence, judged=True)
         return [s.rollout for s in scored if s.kept]
 
     def row(label: str, count: int, *groups: list[Rollout]) -> None:
