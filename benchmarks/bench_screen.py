@@ -509,6 +509,9 @@ def part_memory(args: argparse.Namespace) -> str:
 
 
 # --- seeds ----------------------------------------------------------------------------------------
+CI_QUESTIONS = 32  # the first N questions per version that tests/test_screening_embedded.py reads
+
+
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     diff = positive[:, None] - negative[None, :]
     return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
@@ -546,6 +549,11 @@ def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
             rows = torch.randn(base.vectors.shape, generator=gen)
             rows = rows / rows.norm(dim=-1, keepdim=True) * base.norms().unsqueeze(-1)
             controls.append(PersonaVector(rows, f"random{k}", dict(base.metadata)))
+        controls += [  # the same directions read at the fixed layers
+            PersonaVector(c.vectors, f"{c.trait}@{layer}", {**c.metadata, "best_layer": str(layer)})
+            for c in list(controls)
+            for layer in args.auroc_layers
+        ]
         named = [
             PersonaVector(v.vectors, f"seed{s}", dict(v.metadata))
             for v, s in zip(chosen, args.seeds, strict=True)
@@ -581,7 +589,7 @@ def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
             ii, normal, mild = scores["ii"][name], scores["normal"][name], scores["i"][name]
             a = auroc(ii, normal)
             aurocs.append(a)
-            subset = auroc(ii[: args.ci_questions], normal[: args.ci_questions])
+            subsets = [auroc(ii[:n], normal[:n]) for n in args.ci_questions]
             layer = result.summary.trait(name).layer
             table.append(
                 [
@@ -589,7 +597,7 @@ def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
                     seed,
                     layer,
                     f"{a:.3f}",
-                    f"{subset:.3f}",
+                    *(f"{x:.3f}" for x in subsets),
                     f"{float((ii > normal).mean()):.3f}",
                     f"{normal.mean():+.3f}",
                     f"{mild.mean():+.3f}",
@@ -600,6 +608,13 @@ def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
         control = [
             auroc(scores["ii"][f"random{k}"], scores["normal"][f"random{k}"]) for k in range(10)
         ]
+        control_subsets = [
+            max(
+                auroc(scores["ii"][f"random{k}"][:n], scores["normal"][f"random{k}"][:n])
+                for k in range(10)
+            )
+            for n in args.ci_questions
+        ]
         at_layers = [
             statistics.mean(
                 auroc(scores["ii"][f"seed{s}@{layer}"], scores["normal"][f"seed{s}@{layer}"])
@@ -607,7 +622,17 @@ def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
             )
             for layer in args.auroc_layers
         ]
+        random_at_layers = [
+            max(
+                auroc(scores["ii"][f"random{k}@{layer}"], scores["normal"][f"random{k}@{layer}"])
+                for k in range(10)
+            )
+            for layer in args.auroc_layers
+        ]
         by_layer.append([trait, *(f"{a:.3f}" for a in at_layers)])
+        by_layer.append(
+            [f"{trait}, max of 10 random directions", *(f"{a:.3f}" for a in random_at_layers)]
+        )
         spread.append(
             [
                 trait,
@@ -615,6 +640,7 @@ def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
                 f"{statistics.stdev(aurocs) if len(aurocs) > 1 else 0.0:.3f}",
                 f"{min(aurocs):.3f}",
                 f"{max(control):.3f}",
+                *(f"{x:.3f}" for x in control_subsets),
                 f"{seconds:.0f}",
             ]
         )
@@ -628,15 +654,16 @@ def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
             f"- vectors: `persona extract TRAIT --seed S` (defaults: quick, offline judge), S in "
             f"{', '.join(map(str, args.seeds))}; screening: diff mode, y' greedy of at most "
             f"{args.max_new_tokens} tokens, the first {args.questions} questions of each version "
-            f"(the embedded test uses the first {args.ci_questions})",
+            f"(the embedded test uses the first {CI_QUESTIONS}; also shown: the first "
+            f"{', '.join(map(str, args.ci_questions))})",
             "",
             md_table(
                 [
                     "trait",
                     "seed",
-                    "layer",
+                    "layer read",
                     "AUROC II vs Normal",
-                    f"AUROC, first {args.ci_questions}",
+                    *(f"AUROC, first {n}" for n in args.ci_questions),
                     "II > its Normal twin",
                     "mean ΔP Normal",
                     "mean ΔP I",
@@ -653,13 +680,15 @@ def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
                     "std",
                     "min",
                     "max of 10 random directions",
+                    *(f"random max, first {n}" for n in args.ci_questions),
                     "screening s",
                 ],
                 spread,
             ),
             "",
             "AUROC II vs Normal (mean over the seeds) with each seed's vector read at a fixed "
-            "layer instead of its own best layer:",
+            "layer instead of the layer it screens at (its read_layer), and the strongest of "
+            "the 10 random directions read at that layer:",
             "",
             md_table(["trait", *(f"layer {layer}" for layer in args.auroc_layers)], by_layer),
         ]
@@ -688,7 +717,12 @@ def main() -> None:
     parser.add_argument(
         "--auroc-layers", type=lambda s: [int(x) for x in s.split(",")], default=[6, 10, 15, 20, 24]
     )
-    parser.add_argument("--ci-questions", type=int, default=32)
+    parser.add_argument(
+        "--ci-questions",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[CI_QUESTIONS],
+        help="subsets (first N questions) to report the AUROCs on too",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
