@@ -13,7 +13,7 @@ the unsteered answers, so +2 should raise it and -2 lower it. Two measures (``--
   depends on the trait's system prompts only, never on an extraction's rollouts, on the
   trait's evaluation questions 11-20 (the quick and standard sweeps use the first 4 and 10),
   then, past 10 questions, its extraction questions 11-20 (quick and standard extract from the
-  first 8 and 10; only the paper budget uses them).
+  first 10; only the paper budget uses them).
 
 Usage::
 

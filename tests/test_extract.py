@@ -196,6 +196,9 @@ def test_judged_run_picks_layer_by_steering_sweep(
     assert result.sweep and set(result.sweep) == set(candidate_layers(4, 3))
     assert result.layer_criterion.startswith("steering sweep")
     assert result.vector.best_layer in result.sweep
+    # the reading layer is the separation's choice, whatever the sweep chose
+    best_separated = max(candidate_layers(4, 3), key=lambda k: float(result.separation[k]))
+    assert result.vector.read_layer == best_separated
 
 
 def test_sweep_counts_both_directions(

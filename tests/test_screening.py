@@ -168,6 +168,13 @@ def test_one_forward_reads_every_vector_at_every_layer(env: dict[str, Any]) -> N
     assert [t.name for t in result.summary.traits] == ["evil@1", "evil@3", "kind@3", "kind@1"]
 
 
+def test_screening_reads_each_vector_at_its_read_layer(env: dict[str, Any]) -> None:
+    kind = PersonaVector.load(env["kind"])  # best_layer 3, no read_layer
+    reading = PersonaVector(kind.vectors, "reading", {**kind.metadata, "read_layer": "1"})
+    result = screen([_record(i) for i in range(4)], [kind, reading], model=env["loaded"])
+    assert [(t.name, t.layer) for t in result.summary.traits] == [("kind", 3), ("reading", 1)]
+
+
 # --- the outputs ------------------------------------------------------------------------------
 def test_screen_writes_ranked_output_skip_log_clean_copy_and_report(
     env: dict[str, Any], tmp_path: Path
@@ -241,7 +248,7 @@ def _bad_cases(env: dict[str, Any], tmp: Path) -> list[tuple[list[Any], type, st
         ([d, "-v", env["other_model"], *m], VectorMismatchError, "fingerprint"),
         ([d, "-v", env["other_width"], *m], VectorMismatchError, "hidden size"),
         ([d, "-v", tmp / "none.safetensors", *m], VectorError, "no vector file"),
-        ([d, "-v", env["nobest"], *m], LayerError, "no best_layer"),
+        ([d, "-v", env["nobest"], *m], LayerError, "no read_layer or best_layer"),
         ([d, "-v", f"{env['evil']}@9", *m], LayerError, "out of range 0..4"),
         ([d, "-v", env["evil"], *m, "--threshold", "abc"], InputError, "not a number"),
         (

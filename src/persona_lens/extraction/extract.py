@@ -13,7 +13,11 @@ The paper's pipeline, step by step:
    coherent). The judge scores the answers; without one, the model reads its own answers
    (fed back unsteered, projected on the vector). ``layer_rule="separation"`` instead takes
    the layer whose held-out projections separate positives from negatives best;
-5. save the vector and a report beside it.
+5. pick the reading layer (``read_layer``, what screening projects on): the candidate layer
+   whose held-out projections separate positives from negatives best. Reading a trait and
+   writing it peak at different depths (benchmarks/RESULTS.md, "Screening: AUROC across
+   extraction seeds");
+6. save the vector and a report beside it.
 
 Budgets change counts only, never the method.
 """
@@ -69,13 +73,13 @@ class Budget:
 
 
 BUDGETS: dict[str, Budget] = {
-    # quick: 240 short rollouts rather than 80 longer ones. Two seeds' vectors agree in
+    # quick: 300 short rollouts rather than 80 longer ones. Two seeds' vectors agree in
     # proportion to the rollout count far more than to their length (benchmarks/RESULTS.md,
-    # "quick budget trade-off"). 300 rollouts were measured too (RESULTS.md, "Layer choice"
-    # notes): seeds agree better (evil 0.86 against 0.64), but the default sycophantic and
-    # optimistic vectors then screen no better than random directions on the CI subset.
+    # "quick budget trade-off"); at 300 the default vectors of two seeds agree with median
+    # cosine >= 0.7 at the chosen layer for every measured trait (0.74 / 0.86 / 0.77), at 240
+    # evil's did not (0.64; RESULTS.md, "Layer choice against held-out steering").
     "quick": Budget(
-        pairs=5, questions=8, samples=3, max_new_tokens=32, eval_questions=4, candidate_layers=5
+        pairs=5, questions=10, samples=3, max_new_tokens=32, eval_questions=4, candidate_layers=5
     ),
     "standard": Budget(
         pairs=5, questions=10, samples=3, max_new_tokens=96, eval_questions=10, candidate_layers=8
@@ -234,9 +238,10 @@ def extract(
 
     started = time.perf_counter()
     candidates = candidate_layers(layout.num_layers, budget.candidate_layers)
+    read_layer = max(candidates, key=lambda k: float(separation[k]))
     sweep: dict[int, SweepPoint] = {}
     if options.layer_rule == "separation":
-        best_layer = max(candidates, key=lambda k: float(separation[k]))
+        best_layer = read_layer
         criterion = "held-out projection separation"
     else:
         if judge is not None:
@@ -266,6 +271,7 @@ def extract(
             "method": "mean_diff/response_avg",
             "best_layer": str(best_layer),
             "layer_criterion": criterion,
+            "read_layer": str(read_layer),
             "num_pos": str(len(pos)),
             "num_neg": str(len(neg)),
             "judge": options.judge,

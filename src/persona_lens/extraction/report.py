@@ -106,6 +106,8 @@ def _markdown(result: ExtractionResult, vector_path: Path, png: Path, command: s
         f"d={result.vector.hidden_size}], method `{meta.get('method')}`",
         f"- best layer: **{info['best_layer']}** - {info['layer_criterion']}",
         f"- held-out separation at the best layer: {info['separation_at_best_layer']:.2f}",
+        f"- reading layer (screening): {meta.get('read_layer')} - the candidate layer with "
+        "the largest held-out separation",
         f"- judge: `{meta.get('judge')}`, trait definition: `{meta.get('generator')}`, "
         f"budget `{meta.get('budget')}`, seed {meta.get('seed')}",
         f"- command: `{command}`",

@@ -98,8 +98,9 @@ def screen(
     ``data``: a JSONL (messages format), CSV (``prompt``/``response``), Parquet file, a folder
     saved with ``datasets``' ``save_to_disk``, or a list of records. ``vectors``: vector
     files or :class:`PersonaVector` objects, each optionally as ``(vector, layer)``; the layer
-    is otherwise ``layer`` or the vector's best_layer. ``mode``: ``diff`` (projection
-    difference against the model's own greedy answer), ``response`` or ``prompt-last``.
+    is otherwise ``layer`` or the vector's read_layer (else its best_layer). ``mode``:
+    ``diff`` (projection difference against the model's own greedy answer), ``response`` or
+    ``prompt-last``.
     Flag with one of ``threshold``, ``filter_top`` (percent) or ``threshold_from`` (a reference
     dataset, at its ``percentile``-th percentile). ``ray``: True or ``"local"`` for a local Ray
     instance, or a cluster address.
@@ -265,9 +266,11 @@ def _monitors(
 ) -> list[Monitor]:
     chosen = []
     for where, vector, at in named:
-        sel = at if at is not None else layer if layer is not None else vector.best_layer
+        sel = at if at is not None else layer if layer is not None else vector.read_layer
         if sel is None:
-            raise LayerError(f"{where}: vector {vector.trait!r} has no best_layer; give --layer")
+            raise LayerError(
+                f"{where}: vector {vector.trait!r} has no read_layer or best_layer; give --layer"
+            )
         try:
             chosen.append(check_layer(sel, vector.num_layers, allow_zero=True))
         except LayerError as exc:
