@@ -510,11 +510,23 @@ def part_memory(args: argparse.Namespace) -> str:
 
 # --- seeds ----------------------------------------------------------------------------------------
 CI_QUESTIONS = 32  # the first N questions per version that tests/test_screening_embedded.py reads
+RANDOM_DIRECTIONS = 10  # controls per trait: random directions with the vector's norms
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     diff = positive[:, None] - negative[None, :]
     return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
+
+
+def strongest_random(
+    scores: dict[str, dict[str, np.ndarray]], suffix: str = "", n: int | None = None
+) -> float:
+    """The largest AUROC (II vs Normal) of the random directions ``random{k}{suffix}``, on the
+    first ``n`` questions (None: all)."""
+    return max(
+        auroc(scores["ii"][f"random{k}{suffix}"][:n], scores["normal"][f"random{k}{suffix}"][:n])
+        for k in range(RANDOM_DIRECTIONS)
+    )
 
 
 def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
@@ -545,28 +557,26 @@ def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
         controls = []
         base = chosen[0]
         gen = torch.Generator().manual_seed(7)
-        for k in range(10):
+        for k in range(RANDOM_DIRECTIONS):
             rows = torch.randn(base.vectors.shape, generator=gen)
             rows = rows / rows.norm(dim=-1, keepdim=True) * base.norms().unsqueeze(-1)
             controls.append(PersonaVector(rows, f"random{k}", dict(base.metadata)))
-        controls += [  # the same directions read at the fixed layers
-            PersonaVector(c.vectors, f"{c.trait}@{layer}", {**c.metadata, "best_layer": str(layer)})
-            for c in list(controls)
+        fixed: list[tuple[PersonaVector, int]] = [  # every vector read at each fixed layer too
+            (PersonaVector(v.vectors, f"{name}@{layer}", dict(v.metadata)), layer)
+            for v, name in [
+                *((v, f"seed{s}") for v, s in zip(chosen, args.seeds, strict=True)),
+                *((c, c.trait) for c in controls),
+            ]
             for layer in args.auroc_layers
         ]
         named = [
             PersonaVector(v.vectors, f"seed{s}", dict(v.metadata))
             for v, s in zip(chosen, args.seeds, strict=True)
         ]
-        named += [  # the same vectors read at fixed layers
-            PersonaVector(v.vectors, f"seed{s}@{layer}", {**v.metadata, "best_layer": str(layer)})
-            for v, s in zip(chosen, args.seeds, strict=True)
-            for layer in args.auroc_layers
-        ]
         start = time.perf_counter()
         result = screen(
             records,
-            [*named, *controls],
+            [*named, *controls, *fixed],
             model=loaded,
             mode="diff",
             max_new_tokens=args.max_new_tokens,
@@ -605,16 +615,7 @@ def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
                     "yes" if normal.mean() < mild.mean() < ii.mean() else "NO",
                 ]
             )
-        control = [
-            auroc(scores["ii"][f"random{k}"], scores["normal"][f"random{k}"]) for k in range(10)
-        ]
-        control_subsets = [
-            max(
-                auroc(scores["ii"][f"random{k}"][:n], scores["normal"][f"random{k}"][:n])
-                for k in range(10)
-            )
-            for n in args.ci_questions
-        ]
+
         at_layers = [
             statistics.mean(
                 auroc(scores["ii"][f"seed{s}@{layer}"], scores["normal"][f"seed{s}@{layer}"])
@@ -622,16 +623,12 @@ def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
             )
             for layer in args.auroc_layers
         ]
-        random_at_layers = [
-            max(
-                auroc(scores["ii"][f"random{k}@{layer}"], scores["normal"][f"random{k}@{layer}"])
-                for k in range(10)
-            )
-            for layer in args.auroc_layers
-        ]
         by_layer.append([trait, *(f"{a:.3f}" for a in at_layers)])
         by_layer.append(
-            [f"{trait}, max of 10 random directions", *(f"{a:.3f}" for a in random_at_layers)]
+            [
+                f"{trait}, max of {RANDOM_DIRECTIONS} random directions",
+                *(f"{strongest_random(scores, f'@{layer}'):.3f}" for layer in args.auroc_layers),
+            ]
         )
         spread.append(
             [
@@ -639,8 +636,8 @@ def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
                 f"{statistics.mean(aurocs):.3f}",
                 f"{statistics.stdev(aurocs) if len(aurocs) > 1 else 0.0:.3f}",
                 f"{min(aurocs):.3f}",
-                f"{max(control):.3f}",
-                *(f"{x:.3f}" for x in control_subsets),
+                f"{strongest_random(scores):.3f}",
+                *(f"{strongest_random(scores, n=n):.3f}" for n in args.ci_questions),
                 f"{seconds:.0f}",
             ]
         )
@@ -679,7 +676,7 @@ def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
                     "AUROC mean over seeds",
                     "std",
                     "min",
-                    "max of 10 random directions",
+                    f"max of {RANDOM_DIRECTIONS} random directions",
                     *(f"random max, first {n}" for n in args.ci_questions),
                     "screening s",
                 ],
@@ -688,7 +685,7 @@ def part_seeds(args: argparse.Namespace, loaded: LoadedModel) -> str:
             "",
             "AUROC II vs Normal (mean over the seeds) with each seed's vector read at a fixed "
             "layer instead of the layer it screens at (its read_layer), and the strongest of "
-            "the 10 random directions read at that layer:",
+            f"the {RANDOM_DIRECTIONS} random directions read at that layer:",
             "",
             md_table(["trait", *(f"layer {layer}" for layer in args.auroc_layers)], by_layer),
         ]

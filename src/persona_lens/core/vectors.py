@@ -60,17 +60,20 @@ class PersonaVector:
     def hidden_size(self) -> int:
         return int(self.vectors.shape[1])
 
+    def _layer(self, key: str) -> int | None:
+        value = self.metadata.get(key, "")
+        return int(value) if value.lstrip("-").isdigit() else None
+
     @property
     def best_layer(self) -> int | None:
-        value = self.metadata.get("best_layer", "")
-        return int(value) if value.lstrip("-").isdigit() else None
+        return self._layer("best_layer")
 
     @property
     def read_layer(self) -> int | None:
         """The layer to read the trait at (screening): ``read_layer`` when the extraction
         chose one, else ``best_layer``."""
-        value = self.metadata.get("read_layer", "")
-        return int(value) if value.lstrip("-").isdigit() else self.best_layer
+        read = self._layer("read_layer")
+        return read if read is not None else self.best_layer
 
     @property
     def model_fingerprint(self) -> str | None:
